@@ -1,0 +1,53 @@
+"""Crash-safe file writes: temp file in the same folder, fsync, rename, fsync the folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(target: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a file handle; on clean exit the file appears at ``target`` whole, or not at all.
+
+    A crash (even SIGKILL) at any point leaves either the old file or the new one, plus at
+    worst a ``.tmp-*`` file that ``ContentStore.clean_temp`` removes.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(target: Path, data: bytes | memoryview, *, mode: int = 0o644) -> None:
+    with atomic_writer(target, mode=mode) as fh:
+        fh.write(data)
+
+
+def atomic_write_with(target: Path, write: Callable[[BinaryIO], None], *, mode: int = 0o644) -> None:
+    with atomic_writer(target, mode=mode) as fh:
+        write(fh)

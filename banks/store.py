@@ -1,0 +1,361 @@
+"""The content-addressed store: ``objects/`` (banks), ``manifests/`` (versions), ``refs/`` (names).
+
+Same idea as git's object store: objects are immutable and named by the sha256 of their
+bytes; a model name is a ref pointing at its current manifest; refs move last, under a
+lock, so a crash anywhere leaves the store loadable at its previous version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from scaler_wizard.banks.atomic import TMP_PREFIX, atomic_write_bytes, atomic_writer
+from scaler_wizard.banks.hashing import BankHash, sha256_file
+from scaler_wizard.errors import (
+    BankNotFoundError,
+    ConflictError,
+    IntegrityError,
+    ManifestError,
+    ModelNotFoundError,
+    StoreError,
+    did_you_mean,
+)
+
+STORE_FORMAT = "scaler-wizard-store"
+STORE_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_LOCK_TIMEOUT_S = float(os.environ.get("SCALER_LOCK_TIMEOUT", "120"))
+
+
+def default_store_path() -> Path:
+    """``$SCALER_HOME`` if set, else ``./scaler-store``."""
+    return Path(os.environ.get("SCALER_HOME") or "scaler-store")
+
+
+def validate_name(name: str, *, what: str = "model") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith(".lock"):
+        raise StoreError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 100 characters)"
+        )
+    return name
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte form of a manifest: its hash is its version's name."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+class ContentStore:
+    """A local folder of banks, manifests and refs."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._verified: dict[str, list[int]] | None = None
+
+    # -- opening -----------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | Path | None = None, *, create: bool = False) -> ContentStore:
+        store = cls(root if root is not None else default_store_path())
+        marker = store.root / "scaler-store.json"
+        if marker.exists():
+            try:
+                info = json.loads(marker.read_text())
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{marker} is unreadable: {exc}") from exc
+            if info.get("format") != STORE_FORMAT or info.get("version") != STORE_VERSION:
+                raise StoreError(f"{store.root} is not a scaler-wizard store of version 1")
+            return store
+        if not create:
+            raise StoreError(
+                f"no store at {store.root} (create one with `scaler init`, "
+                "or point --store / SCALER_HOME at an existing one)"
+            )
+        for sub in ("objects", "manifests", "refs/models", "logs/refs/models", "cache"):
+            (store.root / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(marker, canonical_json({"format": STORE_FORMAT, "version": STORE_VERSION}))
+        return store
+
+    # -- locking -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, timeout: float = _LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Serialise writers. Readers never need it: what they read is immutable or atomic."""
+        lock = FileLock(str(self.root / ".lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as exc:
+            raise StoreError(
+                f"store {self.root} is locked by another writer (waited {timeout:.0f}s)"
+            ) from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- objects (banks) -----------------------------------------------------------
+    def object_path(self, h: str) -> Path:
+        bh = BankHash(h)
+        return self.root / "objects" / bh.hex[:2] / bh.hex[2:]
+
+    def has(self, h: str) -> bool:
+        return self.object_path(h).is_file()
+
+    def put_bytes(self, data: bytes | memoryview, expected: str | None = None) -> BankHash:
+        """Store bytes as an object (no-op when present and intact); returns its name."""
+        h = BankHash.of_bytes(data)
+        if expected is not None and h != expected:
+            raise IntegrityError(f"refusing bank {expected}: its bytes hash to {h}")
+        path = self.object_path(h)
+        if not self._present_and_intact(h, path):
+            atomic_write_bytes(path, data, mode=0o444)
+            self._remember_verified(h, path)
+        return h
+
+    def put_file(self, src: str | Path, expected: str | None = None) -> BankHash:
+        """Copy a file into the store, hashing the bytes actually copied."""
+        import hashlib
+
+        src = Path(src)
+        digest = hashlib.sha256()
+        staging = self.root / "objects" / f"{TMP_PREFIX}import-{os.getpid()}-{time.time_ns()}"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(src, "rb") as fin, open(staging, "wb") as fout:
+                while chunk := fin.read(4 * 1024 * 1024):
+                    digest.update(chunk)
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            h = BankHash("sha256:" + digest.hexdigest())
+            if expected is not None and h != expected:
+                raise IntegrityError(f"refusing {src.name}: expected {expected}, bytes hash to {h}")
+            path = self.object_path(h)
+            if not self._present_and_intact(h, path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(staging, 0o444)
+                os.replace(staging, path)
+                from scaler_wizard.banks.atomic import fsync_dir
+
+                fsync_dir(path.parent)
+                self._remember_verified(h, path)
+            return h
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
+
+    def _present_and_intact(self, h: BankHash, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            self.verified_path(h)
+            return True
+        except IntegrityError:
+            return False  # a corrupt copy gets replaced by the good bytes we hold
+
+    def verified_path(self, h: str, *, trust_cache: bool = True) -> Path:
+        """Path of an object whose bytes hash to its name (raises otherwise)."""
+        bh = BankHash(h)
+        path = self.object_path(bh)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise BankNotFoundError(f"bank {bh} is missing from the store {self.root}") from None
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        if trust_cache and self._verified_cache().get(bh.hex) == key:
+            return path
+        actual = sha256_file(path)
+        if actual != bh:
+            raise IntegrityError(
+                f"bank {bh} is corrupt or tampered: its bytes hash to {actual} "
+                f"({path}); restore it from a copy or `scaler pull` it again"
+            )
+        self._remember_verified(bh, path, key)
+        return path
+
+    def read_bytes(self, h: str, *, trust_cache: bool = True) -> bytes:
+        bh = BankHash(h)
+        data = self.verified_path(bh, trust_cache=trust_cache).read_bytes()
+        if not trust_cache and BankHash.of_bytes(data) != bh:  # raced with a writer
+            raise IntegrityError(f"bank {bh} changed while being read")
+        return data
+
+    def iter_objects(self) -> Iterator[BankHash]:
+        objects = self.root / "objects"
+        for sub in sorted(objects.iterdir()) if objects.is_dir() else []:
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for f in sorted(sub.iterdir()):
+                if not f.name.startswith(TMP_PREFIX):
+                    with contextlib.suppress(StoreError):
+                        yield BankHash("sha256:" + sub.name + f.name)
+
+    # -- the verification cache ------------------------------------------------------
+    def _cache_file(self) -> Path:
+        return self.root / "cache" / "verified.json"
+
+    def _verified_cache(self) -> dict[str, list[int]]:
+        if self._verified is None:
+            try:
+                loaded = json.loads(self._cache_file().read_text())
+                self._verified = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self._verified = {}
+        return self._verified
+
+    def _remember_verified(self, h: BankHash, path: Path, key: list[int] | None = None) -> None:
+        if key is None:
+            st = path.stat()
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        cache = self._verified_cache()
+        cache[h.hex] = key
+        with contextlib.suppress(OSError):  # the cache is an optimisation only
+            atomic_write_bytes(self._cache_file(), json.dumps(cache).encode())
+
+    def forget_verified(self) -> None:
+        """Drop the verification cache (``scaler verify`` re-hashes everything anyway)."""
+        self._verified = {}
+        with contextlib.suppress(FileNotFoundError):
+            self._cache_file().unlink()
+
+    # -- manifests -------------------------------------------------------------------
+    def manifest_path(self, h: str) -> Path:
+        return self.root / "manifests" / f"{BankHash(h).hex}.json"
+
+    def put_manifest(self, manifest: dict[str, Any]) -> BankHash:
+        data = canonical_json(manifest)
+        h = BankHash.of_bytes(data)
+        path = self.manifest_path(h)
+        if not path.is_file() or BankHash.of_bytes(path.read_bytes()) != h:
+            atomic_write_bytes(path, data, mode=0o444)
+        return h
+
+    def has_manifest(self, h: str) -> bool:
+        return self.manifest_path(h).is_file()
+
+    def get_manifest(self, h: str) -> dict[str, Any]:
+        """A manifest's JSON, its hash checked (not yet schema-validated)."""
+        bh = BankHash(h)
+        path = self.manifest_path(bh)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(f"manifest {bh} is missing from the store {self.root}") from None
+        if BankHash.of_bytes(data) != bh:
+            raise IntegrityError(f"manifest {bh} is corrupt or tampered ({path})")
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(f"manifest {bh} is not JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise ManifestError(f"manifest {bh}: top level must be an object")
+        return obj
+
+    def iter_manifests(self) -> Iterator[BankHash]:
+        for f in sorted((self.root / "manifests").glob("*.json")):
+            with contextlib.suppress(StoreError):
+                yield BankHash("sha256:" + f.stem)
+
+    # -- refs ------------------------------------------------------------------------
+    def _ref_path(self, name: str) -> Path:
+        return self.root / "refs" / "models" / validate_name(name)
+
+    def models(self) -> list[str]:
+        d = self.root / "refs" / "models"
+        return sorted(p.name for p in d.iterdir() if not p.name.startswith(TMP_PREFIX)) if d.is_dir() else []
+
+    def get_ref(self, name: str) -> BankHash | None:
+        path = self._ref_path(name)
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            return BankHash(text)
+        except StoreError:
+            raise StoreError(f"ref {path} is damaged (holds {text!r:.80})") from None
+
+    def resolve(self, name: str) -> BankHash:
+        """The current manifest hash of a model; a clear error listing models if absent."""
+        validate_name(name)
+        h = self.get_ref(name)
+        if h is None:
+            raise ModelNotFoundError(
+                f"no model named {name!r} in {self.root} {did_you_mean(name, self.models())}"
+            )
+        return h
+
+    def set_ref(self, name: str, new: str, *, expected: str | None, reason: str) -> None:
+        """Move a ref from ``expected`` (None = must not exist) to ``new``. Call under ``lock()``."""
+        new_h = BankHash(new)
+        if not self.has_manifest(new_h):
+            raise StoreError(f"refusing to point {name!r} at {new_h}: no such manifest")
+        current = self.get_ref(name)
+        if current != expected:
+            if expected is None:
+                raise ConflictError(f"model {name!r} already exists")
+            raise ConflictError(
+                f"model {name!r} moved to {current} while this change was made from "
+                f"{expected}; redo it on the current version"
+            )
+        entry = {"time": time.time(), "old": current, "new": new_h, "reason": reason}
+        log = self.root / "logs" / "refs" / "models" / name
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # Log first: a crash between the two leaves a log line for a move that did not
+        # happen, never a move with no log line.
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        atomic_write_bytes(self._ref_path(name), (new_h + "\n").encode())
+
+    def delete_ref(self, name: str, *, expected: str) -> None:
+        current = self.get_ref(name)
+        if current != expected:
+            raise ConflictError(f"model {name!r} moved while being deleted")
+        log = self.root / "logs" / "refs" / "models" / name
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(
+                json.dumps({"time": time.time(), "old": current, "new": None, "reason": "delete"}) + "\n"
+            )
+        self._ref_path(name).unlink()
+
+    def reflog(self, name: str) -> list[dict[str, Any]]:
+        log = self.root / "logs" / "refs" / "models" / validate_name(name)
+        out = []
+        if log.is_file():
+            for line in log.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    # -- housekeeping -------------------------------------------------------------------
+    def clean_temp(self) -> int:
+        """Remove temp files left by writers that died (call under ``lock()``)."""
+        n = 0
+        for path in self.root.rglob(f"{TMP_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                n += 1
+        return n
+
+    def scratch_dir(self, purpose: str) -> Path:
+        """A fresh folder under the store (same filesystem) for staging; caller removes it."""
+        d = self.root / "tmp" / f"{TMP_PREFIX}{purpose}-{os.getpid()}-{time.time_ns()}"
+        d.mkdir(parents=True)
+        return d
+
+
+__all__ = ["ContentStore", "atomic_writer", "canonical_json", "default_store_path", "validate_name"]

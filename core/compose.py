@@ -1,0 +1,416 @@
+"""Manifest -> nn.Module (compose) and nn.Module -> banks + a new manifest version (save)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import torch
+from scaler_wizard.banks import BankHash, ContentStore, encode_bank
+from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
+from scaler_wizard.banks.store import canonical_json, validate_name
+from scaler_wizard.base_encoder import import_base, load_base, locate_base
+from scaler_wizard.branch import Branch, BranchAdapter, Head
+from scaler_wizard.errors import (
+    ConflictError,
+    IntegrityError,
+    ManifestError,
+    PluginError,
+    ScalerError,
+)
+from scaler_wizard.manifests import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, validate_manifest
+from scaler_wizard.manifests.history import resolve_version
+from scaler_wizard.model import Origin, ScalerModel, Trunk
+from scaler_wizard.moe import Gating, MoELayer
+from scaler_wizard.plugin_manager import Registry, get_registry
+from scaler_wizard.version import __version__
+from torch import nn
+
+LIBRARY = {"distribution": "scaler-wizard", "version": __version__}
+
+
+def _plugin_ref(
+    registry: Registry, kind: str, name: str, raw_config: Any, where: str
+) -> tuple[Any, dict[str, Any]]:
+    """(config object, manifest plugin_ref) for a factory, defaults filled in."""
+    reg = registry.get(kind, name, where=where)
+    obj, complete = reg.build_config(raw_config, where=f"{where}.config")
+    return obj, {"plugin": name, "config": complete, "provider": reg.provider()}
+
+
+def _resolve_ref(registry: Registry, kind: str, ref: dict[str, Any], where: str) -> tuple[Any, Any]:
+    """(factory, config object) for a manifest plugin_ref, or a PluginError naming the field."""
+    reg = registry.get(kind, ref["plugin"], provider=ref.get("provider"), where=f"{where}.plugin")
+    obj, _ = reg.build_config(ref.get("config"), where=f"{where}.config")
+    return reg.factory, obj
+
+
+def new_trunk_layer(
+    *,
+    hidden_size: int,
+    num_experts: int = 8,
+    expert_hidden: int | None = None,
+    gating: str = "topk",
+    gating_config: dict[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> MoELayer:
+    """A fresh MoE layer (identity on its input) with a gating plugin."""
+    registry = registry or get_registry()
+    where = "trunk.gating"
+    cfg, ref = _plugin_ref(registry, "gating", gating, gating_config or {}, where)
+    try:
+        gate = registry.get("gating", gating).factory(cfg, hidden_size=hidden_size, num_experts=num_experts)
+    except (ValueError, TypeError) as exc:
+        raise PluginError(f"{where}: {exc}") from exc
+    if not isinstance(gate, Gating):
+        raise PluginError(f"gating {gating!r} factory returned {type(gate).__name__}, not a Gating")
+    layer = MoELayer(hidden_size, num_experts, expert_hidden or 2 * hidden_size, gate)
+    layer.gating_ref = ref
+    return layer
+
+
+def new_branch(
+    *,
+    hidden_size: int,
+    labels: list[str],
+    strategy: str = "lora",
+    strategy_config: dict[str, Any] | None = None,
+    head: str = "linear",
+    head_config: dict[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> Branch:
+    """A fresh branch (adapter + head) from plugins; its manifest entry rides on ``.entry``."""
+    registry = registry or get_registry()
+    s_cfg, s_ref = _plugin_ref(registry, "strategy", strategy, strategy_config or {}, "strategy")
+    h_cfg, h_ref = _plugin_ref(registry, "head", head, head_config or {}, "head")
+    adapter = _call_factory(
+        registry.get("strategy", strategy).factory, s_cfg, "strategy", hidden_size=hidden_size
+    )
+    if not isinstance(adapter, BranchAdapter):
+        raise PluginError(f"strategy {strategy!r} returned {type(adapter).__name__}, not a BranchAdapter")
+    head_mod = _call_factory(
+        registry.get("head", head).factory,
+        h_cfg,
+        "head",
+        in_features=adapter.out_features,
+        labels=list(labels),
+    )
+    if not isinstance(head_mod, Head):
+        raise PluginError(f"head {head!r} returned {type(head_mod).__name__}, not a Head")
+    branch = Branch(adapter, head_mod, labels)
+    branch.entry = {"strategy": s_ref, "head": h_ref, "labels": list(labels)}
+    return branch
+
+
+def _call_factory(factory: Any, cfg: Any, where: str, **kwargs: Any) -> Any:
+    try:
+        return factory(cfg, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise PluginError(f"{where}: {exc}") from exc
+
+
+def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, bank: str, where: str) -> None:
+    """Strict load with a one-line error naming the bank and the first mismatch."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise IntegrityError(f"bank {bank} does not fit {where}: {what}")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise IntegrityError(
+                f"bank {bank} does not fit {where}: {key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+        if not value.dtype.is_floating_point:
+            raise IntegrityError(f"bank {bank} does not fit {where}: {key} is {value.dtype}")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def _bank_tensors(store: ContentStore, h: str, *, kind: str, where: str) -> dict[str, torch.Tensor]:
+    path = store.verified_path(h)
+    meta = read_bank_metadata(path, name=h)
+    if meta.get("scaler.kind") != kind:
+        raise IntegrityError(f"{where}: bank {h} is a {meta.get('scaler.kind')!r} bank, expected {kind!r}")
+    return load_bank_tensors(path, name=h)
+
+
+def trunk_id(manifest: dict[str, Any]) -> str:
+    """Identity of the shared computation (base + MoE layers + pooling) branches depend on."""
+    trunk = manifest["trunk"]
+    key = {
+        "base": manifest["base"]["bank"],
+        "pooling": trunk["pooling"],
+        "layers": [
+            [layer["bank"], layer["gating"]["plugin"], layer["gating"]["config"]] for layer in trunk["layers"]
+        ],
+    }
+    return str(BankHash.of_bytes(canonical_json(key)))
+
+
+def compose(
+    store: ContentStore,
+    spec: str,
+    *,
+    device: torch.device | str = "cpu",
+    registry: Registry | None = None,
+) -> Any:
+    """Build the model a stored version describes: ``name``, ``name@VERSION`` or ``sha256:...``.
+
+    Every bank's hash is checked (through the verification cache); branch banks are read
+    only when a branch is first used.
+    """
+    registry = registry or get_registry()
+    name, h = resolve_version(store, spec)
+    manifest = validate_manifest(store.get_manifest(h), where=f"manifest {h.short} ({name})")
+    # Fail early and cheaply: every plugin present, every config valid, every bank on disk.
+    for i, layer in enumerate(manifest["trunk"]["layers"]):
+        _resolve_ref(registry, "gating", layer["gating"], f"trunk.layers[{i}].gating")
+    for bname, entry in manifest["branches"].items():
+        _resolve_ref(registry, "strategy", entry["strategy"], f"branches.{bname}.strategy")
+        _resolve_ref(registry, "head", entry["head"], f"branches.{bname}.head")
+        for key in ("adapter_bank", "head_bank"):
+            if not store.has(entry[key]):
+                raise IntegrityError(f"branches.{bname}.{key}: bank {entry[key]} is missing from the store")
+
+    base = load_base(store, manifest["base"], device=device)
+    hidden = manifest["base"]["hidden_size"]
+    layers = []
+    for i, spec_layer in enumerate(manifest["trunk"]["layers"]):
+        where = f"trunk.layers[{i}]"
+        factory, cfg = _resolve_ref(registry, "gating", spec_layer["gating"], f"{where}.gating")
+        gate = _call_factory(
+            factory, cfg, f"{where}.gating", hidden_size=hidden, num_experts=spec_layer["num_experts"]
+        )
+        layer = MoELayer(hidden, spec_layer["num_experts"], spec_layer["expert_hidden"], gate)
+        layer.gating_ref = spec_layer["gating"]
+        tensors = _bank_tensors(store, spec_layer["bank"], kind="trunk-layer", where=where)
+        _load_state(layer, tensors, bank=spec_layer["bank"], where=where)
+        layers.append(layer)
+    trunk = Trunk(layers, pooling=manifest["trunk"]["pooling"]).to(device)
+
+    def load_branch(bname: str) -> Branch:
+        entry = manifest["branches"][bname]
+        where = f"branches.{bname}"
+        s_factory, s_cfg = _resolve_ref(registry, "strategy", entry["strategy"], f"{where}.strategy")
+        h_factory, h_cfg = _resolve_ref(registry, "head", entry["head"], f"{where}.head")
+        adapter = _call_factory(s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden)
+        head = _call_factory(
+            h_factory, h_cfg, f"{where}.head", in_features=adapter.out_features, labels=entry["labels"]
+        )
+        _load_state(
+            adapter,
+            _bank_tensors(store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"),
+            bank=entry["adapter_bank"],
+            where=f"{where}.adapter_bank",
+        )
+        _load_state(
+            head,
+            _bank_tensors(store, entry["head_bank"], kind="head", where=f"{where}.head_bank"),
+            bank=entry["head_bank"],
+            where=f"{where}.head_bank",
+        )
+        branch = Branch(adapter, head, entry["labels"])
+        branch.entry = {k: v for k, v in entry.items() if k not in ("adapter_bank", "head_bank")}
+        branch.banks = (entry["adapter_bank"], entry["head_bank"])
+        branch.eval()
+        return branch
+
+    model = ScalerModel(base, trunk, branch_names=list(manifest["branches"]), branch_loader=load_branch)
+    model.origin = Origin(name, h, manifest, manifest["base"], dict(manifest["branches"]))
+    model.eval()
+    return model
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def build_manifest(
+    store: ContentStore,
+    *,
+    trunk: Trunk,
+    branches: dict[str, Branch | None],
+    origin: Origin,
+    name: str,
+    parent: str | None,
+    parent_version: int,
+    message: str,
+) -> dict[str, Any]:
+    """Write the banks (deduplicated) and return the manifest (not yet stored).
+
+    ``branches`` maps each branch to its module, or to None when it was never loaded
+    since compose (its entry is then copied from ``origin`` unchanged).
+    """
+    layers = []
+    for i, layer in enumerate(trunk.layers):
+        assert isinstance(layer, MoELayer)
+        ref = getattr(layer, "gating_ref", None)
+        if ref is None:
+            raise ScalerError(f"trunk.layers[{i}] was not built by new_trunk_layer/compose: no gating_ref")
+        bank = encode_bank(layer.state_dict(), kind="trunk-layer", metadata={"gating": ref["plugin"]})
+        layers.append(
+            {
+                "bank": str(store.put_bytes(bank.data)),
+                "num_experts": layer.num_experts,
+                "expert_hidden": layer.expert_hidden,
+                "gating": ref,
+            }
+        )
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "name": name,
+        "version": parent_version + 1,
+        "parent": str(parent) if parent else None,
+        "created": _now(),
+        "message": message,
+        "library": dict(LIBRARY),
+        "base": origin.base_entry,
+        "trunk": {
+            "hidden_size": origin.base_entry["hidden_size"],
+            "pooling": trunk.pooling,
+            "layers": layers,
+        },
+        "branches": {},
+    }
+    tid = trunk_id(manifest)
+    for bname, branch in branches.items():
+        if branch is None:  # untouched since compose: keep its entry as it was
+            manifest["branches"][bname] = origin.branch_entries[bname]
+            continue
+        entry = dict(getattr(branch, "entry", {}))
+        if "strategy" not in entry or "head" not in entry:
+            raise ScalerError(f"branch {bname!r} was not built by new_branch/compose: no plugin refs")
+        adapter = encode_bank(
+            branch.adapter.state_dict(),
+            kind="adapter",
+            metadata={"strategy": entry["strategy"]["plugin"], "branch": bname},
+        )
+        head = encode_bank(
+            branch.head.state_dict(),
+            kind="head",
+            metadata={"head": entry["head"]["plugin"], "labels": branch.labels},
+        )
+        entry["adapter_bank"] = str(store.put_bytes(adapter.data))
+        entry["head_bank"] = str(store.put_bytes(head.data))
+        entry["labels"] = list(branch.labels)
+        entry.setdefault("trunk", tid)
+        manifest["branches"][bname] = entry
+    return manifest
+
+
+def save_version(
+    store: ContentStore, model: ScalerModel, *, message: str, name: str | None = None
+) -> BankHash:
+    """Save a model as a new version: banks first, then the manifest, then the ref (last).
+
+    The ref only moves if the model's name still points at the version this model was
+    composed from (else ConflictError), so concurrent writers never lose each other's work.
+    """
+    origin = model.origin
+    if origin is None:
+        raise ScalerError("this model was not composed from a store: nothing to version it against")
+    target = validate_name(name or origin.name)
+    with store.lock():
+        current = store.get_ref(target)
+        if target == origin.name:
+            if current != origin.manifest_hash:
+                raise ConflictError(
+                    f"model {target!r} moved to {current} since this model was composed from "
+                    f"{origin.manifest_hash}; compose it again and redo the change"
+                )
+            parent, parent_version = origin.manifest_hash, int(origin.manifest["version"])
+        else:
+            if current is not None:
+                raise ConflictError(f"model {target!r} already exists")
+            parent, parent_version = None, 0
+        branches = {n: (model.branch(n) if model.is_loaded(n) else None) for n in model.branch_names}
+        manifest = build_manifest(
+            store,
+            trunk=model.trunk,
+            branches=branches,
+            origin=origin,
+            name=target,
+            parent=parent,
+            parent_version=parent_version,
+            message=message,
+        )
+        validate_manifest(manifest, where="new manifest")
+        h = store.put_manifest(manifest)
+        store.set_ref(target, h, expected=current, reason=message)
+    model.origin = Origin(target, h, manifest, manifest["base"], dict(manifest["branches"]))
+    return h
+
+
+def init_model(
+    store: ContentStore,
+    name: str,
+    *,
+    base: str | None = None,
+    moe_layers: int = 2,
+    num_experts: int = 8,
+    top_k: int = 2,
+    expert_hidden: int | None = None,
+    gating: str = "topk",
+    gating_config: dict[str, Any] | None = None,
+    seed: int = 0,
+    registry: Registry | None = None,
+) -> BankHash:
+    """Create version 1 of a model: the base banked, a fresh (identity) MoE trunk, no branches."""
+    validate_name(name)
+    if store.get_ref(name) is not None:
+        raise ConflictError(f"model {name!r} already exists in {store.root}")
+    registry = registry or get_registry()
+    located = locate_base(base)
+    with store.lock():
+        base_entry, pooling = import_base(store, located)
+    hidden = base_entry["hidden_size"]
+    cfg = dict(gating_config or {})
+    if gating == "topk":
+        cfg.setdefault("k", top_k)
+    torch.manual_seed(seed)
+    layers = [
+        new_trunk_layer(
+            hidden_size=hidden,
+            num_experts=num_experts,
+            expert_hidden=expert_hidden,
+            gating=gating,
+            gating_config=cfg,
+            registry=registry,
+        )
+        for _ in range(moe_layers)
+    ]
+    trunk = Trunk(layers, pooling=pooling)
+    origin = Origin(name, BankHash("sha256:" + "0" * 64), {}, base_entry)
+    where_from = located.source.get("package") or located.source.get("repo_id") or located.source.get("path")
+    with store.lock():
+        if store.get_ref(name) is not None:
+            raise ConflictError(f"model {name!r} already exists in {store.root}")
+        manifest = build_manifest(
+            store,
+            trunk=trunk,
+            branches={},
+            origin=origin,
+            name=name,
+            parent=None,
+            parent_version=0,
+            message=f"init {name} on {where_from}",
+        )
+        validate_manifest(manifest, where="new manifest")
+        h = store.put_manifest(manifest)
+        store.set_ref(name, h, expected=None, reason="init")
+    return h
+
+
+__all__ = [
+    "ManifestError",
+    "Origin",
+    "compose",
+    "init_model",
+    "new_branch",
+    "new_trunk_layer",
+    "save_version",
+    "trunk_id",
+]

@@ -1,0 +1,164 @@
+"""The composed model: frozen base -> MoE trunk (run once) -> any set of branches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from scaler_wizard.base_encoder import BaseEncoder
+from scaler_wizard.branch import Branch, Prediction, TrunkOutput
+from scaler_wizard.errors import BranchNotFoundError, did_you_mean
+from scaler_wizard.moe import MoELayer
+from torch import Tensor, nn
+
+
+class Trunk(nn.Module):
+    """The shared MoE layers and the pooling."""
+
+    def __init__(self, layers: Iterable[MoELayer], *, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
+        self.layers = nn.ModuleList(layers)
+        self.pooling = pooling
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> TrunkOutput:
+        """hidden (B, T, d) base states, mask (B, T) bool."""
+        aux = hidden.new_zeros(())
+        stats = []
+        for layer in self.layers:
+            hidden, layer_aux, layer_stats = layer(hidden, mask)
+            aux = aux + layer_aux
+            stats.append(layer_stats)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+        return TrunkOutput(pooled=pooled, hidden=hidden, mask=mask, aux_loss=aux, stats=stats)
+
+
+@dataclass
+class Origin:
+    """Which stored version a composed model came from."""
+
+    name: str
+    manifest_hash: str
+    manifest: dict[str, Any]
+    base_entry: dict[str, Any]
+    branch_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelOutput:
+    logits: dict[str, Tensor]  # branch -> (B, num_labels)
+    trunk: TrunkOutput
+
+
+BranchLoader = Callable[[str], Branch]
+
+
+class ScalerModel(nn.Module):
+    """Base + trunk + branches. Branches load lazily: composing 100 reads none of them."""
+
+    def __init__(
+        self,
+        base: BaseEncoder,
+        trunk: Trunk,
+        *,
+        branch_names: Sequence[str] = (),
+        branch_loader: BranchLoader | None = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.trunk = trunk
+        self.branches = nn.ModuleDict()
+        self._pending: list[str] = list(branch_names)
+        self._loader = branch_loader
+        #: the stored version this model was composed from (None for one built in memory)
+        self.origin: Origin | None = None
+
+    # -- branches -------------------------------------------------------------------
+    @property
+    def branch_names(self) -> list[str]:
+        return list(self.branches.keys()) + [n for n in self._pending if n not in self.branches]
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self.branches
+
+    def branch(self, name: str) -> Branch:
+        """The branch module, loading its banks on first use."""
+        if name in self.branches:
+            return self.branches[name]  # type: ignore[return-value]
+        if name in self._pending and self._loader is not None:
+            loaded = self._loader(name)
+            device = next(self.trunk.parameters(), torch.empty(0)).device
+            self.branches[name] = loaded.to(device)
+            self._pending.remove(name)
+            return loaded
+        raise BranchNotFoundError(f"no branch named {name!r} {did_you_mean(name, self.branch_names)}")
+
+    def add_branch(self, name: str, branch: Branch) -> None:
+        if name in self.branch_names:
+            raise ValueError(f"branch {name!r} exists")
+        self.branches[name] = branch
+
+    def remove_branch(self, name: str) -> None:
+        if name in self.branches:
+            del self.branches[name]
+        elif name in self._pending:
+            self._pending.remove(name)
+        else:
+            raise BranchNotFoundError(f"no branch named {name!r} {did_you_mean(name, self.branch_names)}")
+
+    def load_all_branches(self) -> None:
+        for name in list(self._pending):
+            self.branch(name)
+
+    # -- forward --------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.trunk.parameters(), torch.empty(0)).device
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> TrunkOutput:
+        """The shared pass: base (frozen) then the MoE trunk."""
+        hidden = self.base(input_ids, attention_mask, **extra)  # (B, T, d)
+        return self.trunk(hidden, attention_mask.bool())
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        branches: Sequence[str] | None = None,
+        **extra: Tensor,
+    ) -> ModelOutput:
+        """One trunk pass, then the logits of each requested branch (all when None)."""
+        names = self.branch_names if branches is None else list(branches)
+        modules = [self.branch(n) for n in names]  # fail on a bad name before computing
+        trunk = self.encode(input_ids, attention_mask, **extra)
+        return ModelOutput(logits={n: m(trunk) for n, m in zip(names, modules, strict=True)}, trunk=trunk)
+
+    @torch.inference_mode()
+    def predict(
+        self, texts: Sequence[str], branches: Sequence[str] | None = None, *, batch_size: int = 32
+    ) -> dict[str, list[Prediction]]:
+        """Label + scores per branch for each text."""
+        names = self.branch_names if branches is None else list(branches)
+        modules = [self.branch(n) for n in names]
+        was_training = self.training
+        self.eval()
+        out: dict[str, list[Prediction]] = {n: [] for n in names}
+        try:
+            for start in range(0, len(texts), batch_size):
+                batch = self.base.tokenize(list(texts[start : start + batch_size]), self.device)
+                trunk = self.encode(**batch)
+                for n, m in zip(names, modules, strict=True):
+                    out[n].extend(m.predict(trunk))
+        finally:
+            self.train(was_training)
+        return out
+
+    def trainable_parameters(self) -> Any:
+        return (p for p in self.parameters() if p.requires_grad)

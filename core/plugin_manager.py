@@ -1,0 +1,258 @@
+"""The one plugin manager: built-ins and third-party plugins register through the same hooks."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
+from scaler_wizard import hookspecs
+from scaler_wizard.errors import PluginError, did_you_mean
+from scaler_wizard.plugin_config import build_config, config_schema
+from scaler_wizard.version import __version__
+
+#: Built-in plugins, registered exactly like a third party's.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "scaler_wizard.plugins.gating",
+    "scaler_wizard.plugins.heads",
+    "scaler_wizard.plugins.lora",
+    "scaler_wizard.plugins.stores",
+)
+SELF_DISTRIBUTION = "scaler-wizard"
+
+#: hook name -> registry kind
+KINDS: dict[str, str] = {
+    "register_gating": "gating",
+    "register_heads": "head",
+    "register_branch_strategies": "strategy",
+    "register_stores": "store",
+}
+KIND_HELP = {"gating": "gating", "head": "head", "strategy": "branch strategy", "store": "store backend"}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One named factory and who provides it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    config: type | dict[str, Any] | None
+    plugin: str
+    distribution: str
+    version: str
+    description: str = ""
+
+    def schema(self) -> dict[str, Any]:
+        if self.config is None:
+            return {"type": "object", "additionalProperties": False, "properties": {}}
+        return config_schema(self.config) if isinstance(self.config, type) else self.config
+
+    def provider(self) -> dict[str, str]:
+        return {"distribution": self.distribution, "version": self.version}
+
+    def build_config(self, raw: Any, *, where: str) -> tuple[Any, dict[str, Any]]:
+        return build_config(self.config, raw, where=where)
+
+
+@dataclass
+class LoadFailure:
+    plugin: str
+    distribution: str
+    error: str
+
+
+@dataclass
+class PluginHost:
+    """The pluggy manager plus what we learnt loading it."""
+
+    pm: pluggy.PluginManager
+    distributions: dict[str, tuple[str, str]] = field(default_factory=dict)
+    failures: list[LoadFailure] = field(default_factory=list)
+
+
+_host: PluginHost | None = None
+_registry_cache: tuple[tuple[int, ...], Registry] | None = None
+
+
+def _new_host() -> PluginHost:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    host = PluginHost(pm)
+    for module_name in DEFAULT_PLUGINS:
+        module = importlib.import_module(module_name)
+        pm.register(module, name=module_name)
+        host.distributions[module_name] = (SELF_DISTRIBUTION, __version__)
+    _load_entry_points(host)
+    pm.check_pending()
+    return host
+
+
+def strict_mode() -> bool:
+    return os.environ.get("SCALER_STRICT_PLUGINS", "") not in ("", "0", "false")
+
+
+def _load_entry_points(host: PluginHost) -> None:
+    wanted_env = os.environ.get("SCALER_PLUGINS")
+    wanted = None if wanted_env is None else {p.strip() for p in wanted_env.split(",") if p.strip()}
+    for ep in metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+        if wanted is not None and ep.name not in wanted:
+            continue
+        dist = ep.dist.name if ep.dist else "unknown"
+        version = ep.dist.version if ep.dist else "0"
+        try:
+            plugin = ep.load()
+            _check_api(plugin, ep.name)
+            host.pm.register(plugin, name=ep.name)
+            host.distributions[ep.name] = (dist, version)
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if strict_mode():
+                raise PluginError(f"plugin {ep.name!r} ({dist} {version}) failed to load: {message}") from exc
+            host.failures.append(LoadFailure(ep.name, f"{dist} {version}", message))
+            print(
+                f"warning: plugin {ep.name!r} ({dist} {version}) failed to load and is skipped: {message}",
+                file=sys.stderr,
+            )
+
+
+def _check_api(plugin: object, name: str) -> None:
+    spec = getattr(plugin, "scaler_wizard_api", None)
+    if spec is None:
+        return
+    try:
+        ok = Version(hookspecs.HOOKSPEC_VERSION) in SpecifierSet(str(spec))
+    except InvalidSpecifier as exc:
+        raise PluginError(f"plugin {name!r} declares an invalid scaler_wizard_api {spec!r}") from exc
+    if not ok:
+        raise PluginError(
+            f"plugin {name!r} supports hook API {spec}, this scaler-wizard has {hookspecs.HOOKSPEC_VERSION}"
+        )
+
+
+def get_host() -> PluginHost:
+    global _host
+    if _host is None:
+        _host = _new_host()
+    return _host
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager (tests may ``register``/``unregister`` on it)."""
+    return get_host().pm
+
+
+def reset_plugins() -> None:
+    """Forget the manager so the next use re-discovers plugins (for tests and long sessions)."""
+    global _host, _registry_cache
+    _host = None
+    _registry_cache = None
+
+
+class Registry:
+    """Everything the installed plugins registered, by kind and name."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS.values()}
+
+    def add(self, reg: Registration) -> None:
+        existing = self.entries[reg.kind].get(reg.name)
+        if existing is not None:
+            raise PluginError(
+                f"{KIND_HELP[reg.kind]} {reg.name!r} is registered twice: by plugin "
+                f"{existing.plugin!r} ({existing.distribution}) and by plugin {reg.plugin!r} "
+                f"({reg.distribution}); uninstall one of them"
+            )
+        self.entries[reg.kind][reg.name] = reg
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.entries[kind])
+
+    def get(
+        self, kind: str, name: str, *, provider: dict[str, str] | None = None, where: str = ""
+    ) -> Registration:
+        """Look up a factory; if missing, say which distribution to install."""
+        reg = self.entries[kind].get(name)
+        if reg is not None:
+            return reg
+        at = f"{where}: " if where else ""
+        if provider and provider.get("distribution") not in (None, SELF_DISTRIBUTION):
+            dist, ver = provider["distribution"], provider.get("version", "")
+            hint = f"; install `{dist}>={ver}`" if ver else f"; install `{dist}`"
+            raise PluginError(f"{at}{KIND_HELP[kind]} plugin {name!r} is not installed{hint}")
+        raise PluginError(f"{at}unknown {KIND_HELP[kind]} {name!r} {did_you_mean(name, self.names(kind))}")
+
+    def __iter__(self) -> Iterator[Registration]:
+        for kind in self.entries.values():
+            yield from kind.values()
+
+
+def _distribution_of(host: PluginHost, plugin_name: str, plugin: object) -> tuple[str, str]:
+    if plugin_name in host.distributions:
+        return host.distributions[plugin_name]
+    for dist_name, (d, v) in ((p, host.distributions[p]) for p in host.distributions):
+        if host.pm.get_plugin(dist_name) is plugin:
+            return d, v
+    return "unknown", "0"
+
+
+def build_registry(host: PluginHost | None = None) -> Registry:
+    """Call every ``register_*`` hook, attributing each registration to its plugin."""
+    host = host or get_host()
+    registry = Registry()
+    for hook_name, kind in KINDS.items():
+        hook = getattr(host.pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # registration order, built-ins first
+            dist, version = _distribution_of(host, impl.plugin_name, impl.plugin)
+
+            def register(
+                name: str,
+                factory: Callable[..., Any],
+                *,
+                config: type | dict[str, Any] | None = None,
+                description: str = "",
+                _kind: str = kind,
+                _impl: Any = impl,
+                _dist: str = dist,
+                _version: str = version,
+            ) -> None:
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"plugin {_impl.plugin_name!r} registered a {_kind} with no name")
+                if isinstance(config, type):
+                    try:
+                        config_schema(config)
+                    except TypeError as exc:
+                        raise PluginError(
+                            f"plugin {_impl.plugin_name!r}: {KIND_HELP[_kind]} {name!r} has an invalid config: {exc}"
+                        ) from exc
+                doc = description or (getattr(factory, "__doc__", None) or "").strip().split("\n")[0]
+                registry.add(
+                    Registration(_kind, name, factory, config, _impl.plugin_name, _dist, _version, doc)
+                )
+
+            try:
+                impl.function(register=register)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                ) from exc
+    return registry
+
+
+def get_registry() -> Registry:
+    """The registry for the currently registered plugins (rebuilt when that set changes)."""
+    global _registry_cache
+    host = get_host()
+    key = tuple(sorted(id(p) for p in host.pm.get_plugins()))
+    if _registry_cache is None or _registry_cache[0] != key:
+        _registry_cache = (key, build_registry(host))
+    return _registry_cache[1]

@@ -1,0 +1,56 @@
+"""Re-hash everything a version names, ignoring the verification cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from scaler_wizard.banks import BankHash, ContentStore
+from scaler_wizard.banks.safetensors_bank import read_bank_metadata
+from scaler_wizard.errors import ScalerError
+from scaler_wizard.manifests import validate_manifest
+
+
+@dataclass
+class Check:
+    what: str  # e.g. "branches.spam.adapter_bank"
+    bank: str
+    ok: bool
+    detail: str = ""
+    size: int = 0
+
+
+def banks_of(manifest: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(field, bank hash, expected safetensors kind or None for plain files) for every bank."""
+    out: list[tuple[str, str, str | None]] = [("base.bank", manifest["base"]["bank"], "base")]
+    out += [(f"base.files.{n}", h, None) for n, h in sorted(manifest["base"]["files"].items())]
+    out += [
+        (f"trunk.layers[{i}].bank", lay["bank"], "trunk-layer")
+        for i, lay in enumerate(manifest["trunk"]["layers"])
+    ]
+    for name, entry in sorted(manifest["branches"].items()):
+        out.append((f"branches.{name}.adapter_bank", entry["adapter_bank"], "adapter"))
+        out.append((f"branches.{name}.head_bank", entry["head_bank"], "head"))
+    return out
+
+
+def verify_version(store: ContentStore, h: str, *, trust_cache: bool = False) -> list[Check]:
+    """One Check per manifest and bank; never raises for a bad bank, only reports it."""
+    bh = BankHash(h)
+    checks: list[Check] = []
+    try:
+        manifest = validate_manifest(store.get_manifest(bh), where=f"manifest {bh.short}")
+        checks.append(Check("manifest", str(bh), True))
+    except ScalerError as exc:
+        return [Check("manifest", str(bh), False, str(exc))]
+    for field, bank, kind in banks_of(manifest):
+        try:
+            path = store.verified_path(bank, trust_cache=trust_cache)
+            if kind is not None:
+                meta = read_bank_metadata(path, name=bank)
+                if meta.get("scaler.kind") != kind:
+                    raise ScalerError(f"is a {meta.get('scaler.kind')!r} bank, expected {kind!r}")
+            checks.append(Check(field, bank, True, size=path.stat().st_size))
+        except ScalerError as exc:
+            checks.append(Check(field, bank, False, str(exc)))
+    return checks

@@ -1,0 +1,93 @@
+"""Version history: parents, ``name@N`` lookups, rollback by moving the ref (with a reflog)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scaler_wizard.banks.hashing import BankHash, is_bank_hash
+from scaler_wizard.banks.store import ContentStore
+from scaler_wizard.errors import ManifestError, ModelNotFoundError, ScalerError
+
+_MAX_DEPTH = 100_000
+
+
+def history(store: ContentStore, head: str) -> list[tuple[BankHash, dict[str, Any]]]:
+    """Versions from ``head`` back to version 1, newest first."""
+    out: list[tuple[BankHash, dict[str, Any]]] = []
+    seen: set[str] = set()
+    current: str | None = head
+    while current is not None:
+        if current in seen or len(out) > _MAX_DEPTH:
+            raise ManifestError(f"manifest {current}: parent chain loops")
+        seen.add(current)
+        manifest = store.get_manifest(current)
+        out.append((BankHash(current), manifest))
+        parent = manifest.get("parent")
+        if parent is not None and not is_bank_hash(parent):
+            raise ManifestError(f"manifest {current}: parent: {parent!r:.80} is not a manifest hash")
+        if parent is not None and not store.has_manifest(parent):
+            break  # a pulled model may have a shallow history
+        current = parent
+    return out
+
+
+def _known_versions(store: ContentStore, name: str) -> list[tuple[BankHash, dict[str, Any]]]:
+    """Every version reachable from the ref or from any ref the reflog remembers."""
+    heads: list[str] = []
+    head = store.get_ref(name)
+    if head:
+        heads.append(head)
+    for entry in reversed(store.reflog(name)):
+        for key in ("new", "old"):
+            if entry.get(key) and is_bank_hash(entry[key]) and entry[key] not in heads:
+                heads.append(entry[key])
+    seen: dict[str, dict[str, Any]] = {}
+    for h in heads:
+        if h in seen or not store.has_manifest(h):
+            continue
+        for vh, m in history(store, h):
+            seen.setdefault(vh, m)
+    return [(BankHash(h), m) for h, m in seen.items()]
+
+
+def find_version(store: ContentStore, name: str, version: str) -> BankHash:
+    """``3``, ``v3``, a hash or a unique hash prefix -> manifest hash of that version of ``name``."""
+    versions = _known_versions(store, name)
+    text = version.strip()
+    if text.lower().startswith("v") and text[1:].isdigit():
+        text = text[1:]
+    if text.isdigit():
+        matches = [h for h, m in versions if m.get("version") == int(text)]
+    else:
+        prefix = text if text.startswith("sha256:") else "sha256:" + text
+        matches = [h for h, _ in versions if h.startswith(prefix)] if len(prefix) >= 11 else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        have = sorted({int(m.get("version", 0)) for _, m in versions})
+        raise ScalerError(f"model {name!r} has no version {version!r} (have: {', '.join(map(str, have))})")
+    raise ScalerError(f"version {version!r} of {name!r} is ambiguous: {', '.join(h.short for h in matches)}")
+
+
+def resolve_version(store: ContentStore, spec: str) -> tuple[str, BankHash]:
+    """``name`` | ``name@VERSION`` | ``sha256:...`` -> (model name, manifest hash)."""
+    if is_bank_hash(spec):
+        manifest = store.get_manifest(spec)
+        return str(manifest.get("name", "?")), BankHash(spec)
+    name, _, version = spec.partition("@")
+    head = store.resolve(name)
+    if not version:
+        return name, head
+    return name, find_version(store, name, version)
+
+
+def rollback(store: ContentStore, name: str, version: str) -> BankHash:
+    """Point ``name`` back at an earlier (or later) version it had. Nothing is deleted."""
+    with store.lock():
+        current = store.get_ref(name)
+        if current is None:
+            raise ModelNotFoundError(f"no model named {name!r}")
+        target = find_version(store, name, version)
+        if target != current:
+            store.set_ref(name, target, expected=current, reason=f"rollback to {version}")
+        return target

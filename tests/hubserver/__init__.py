@@ -1,0 +1,1 @@
+"""Test-only local Hugging Face Hub (write server + olah). See README.md."""
