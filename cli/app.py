@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from scaler_wizard.cli import branch_commands, model_commands, plugin_commands, predict_command
 from scaler_wizard.cli.state import STATE, err
 from scaler_wizard.version import __version__

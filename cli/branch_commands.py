@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
-from scaler_wizard.cli.state import open_store, out, print_json
+
+from scaler_wizard.cli.state import err, open_store, out, print_json
 from scaler_wizard.errors import BranchNotFoundError, did_you_mean
 
 branch_app = typer.Typer(help="Add, list, show and remove a model's branches.", no_args_is_help=True)
@@ -88,3 +91,108 @@ def remove_branch(
     m.remove_branch(branch)
     h = save_version(store, m, message=f"remove branch {branch}")
     out.print(f"removed {branch}: {model} v{m.origin.manifest['version']} {h}")
+
+
+@branch_app.command("add")
+def add(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    branch: Annotated[str, typer.Argument(help="Name of the new branch.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Labelled training data: .csv, .tsv, .jsonl or .parquet.")
+    ],
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
+    eval_data: Annotated[Path | None, typer.Option(help="Separate evaluation file (same columns).")] = None,
+    eval_split: Annotated[
+        float, typer.Option(help="Fraction held out for evaluation when no --eval-data.")
+    ] = 0.1,
+    strategy: Annotated[str, typer.Option(help="Branch strategy plugin.")] = "lora",
+    rank: Annotated[int | None, typer.Option(help="Adapter rank (strategies that take one).")] = None,
+    head: Annotated[str, typer.Option(help="Head plugin.")] = "linear",
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")] = 40,
+    steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    seed: Annotated[int, typer.Option(help="Seed for the split, init and shuffling.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
+) -> None:
+    """Train a new branch on labelled data and register it; existing branches are untouched."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+    from scaler_wizard.branch_add import DataSpec, add_branch
+    from scaler_wizard.branch_training import BranchTrainingConfig
+
+    store = open_store()
+    cfg = BranchTrainingConfig(epochs=epochs, max_steps=steps, batch_size=batch_size, seed=seed)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+    epoch_task: list[TaskID] = []
+
+    def progress_factory(desc: str, total: int) -> Callable[[int], None]:
+        task = progress.add_task(desc, total=total)
+        return lambda n: progress.advance(task, n)
+
+    def report(event: str, info: dict[str, Any]) -> None:
+        if event == "data":
+            counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+            err.print(
+                f"data: {info['train']} train / {info['eval']} eval rows; classes: {counts}", markup=False
+            )
+        elif event == "features" and info["cached"]:
+            err.print("trunk features: from cache", markup=False)
+        elif event == "epoch":
+            if not epoch_task:
+                epoch_task.append(progress.add_task("training (epochs)", total=epochs))
+            progress.update(
+                epoch_task[0],
+                advance=1,
+                description=f"training: epoch {info['epoch']} loss {info['train_loss']:.3f} eval acc {info['eval_accuracy']:.3f}",
+            )
+
+    with progress:
+        result = add_branch(
+            store,
+            model,
+            branch,
+            DataSpec(data, text_column, label_column, eval_data, eval_split),
+            strategy=strategy,
+            strategy_config={"rank": rank} if rank is not None else None,
+            head=head,
+            training=cfg,
+            report=report,
+            progress_factory=progress_factory,
+        )
+    summary = {
+        "model": model,
+        "branch": branch,
+        "version": result.version,
+        "manifest": result.manifest,
+        "labels": result.labels,
+        "accuracy": result.metrics["accuracy"],
+        "macro_f1": result.metrics["macro_f1"],
+        "steps": result.training.steps,
+        "epochs": result.training.epochs_run,
+        "best_epoch": result.training.best_epoch,
+        "train_seconds": round(result.training.seconds, 2),
+        "feature_seconds": round(result.feature_seconds, 2),
+        "features_cached": result.features_cached,
+        "log_dir": str(result.log_dir),
+    }
+    if as_json:
+        print_json(summary)
+        return
+    out.print(
+        f"added branch {branch} to {model} (v{result.version} {result.manifest})\n"
+        f"  labels   {', '.join(result.labels)}\n"
+        f"  eval     accuracy {result.metrics['accuracy']:.4f}  macro-F1 {result.metrics['macro_f1']:.4f}"
+        f" on {result.metrics['support']} rows\n"
+        f"  trained  {result.training.steps} steps, {result.training.epochs_run} epochs (best {result.training.best_epoch})"
+        f" in {result.training.seconds:.1f}s; trunk features {result.feature_seconds:.1f}s"
+        f"{' (cached)' if result.features_cached else ''}\n"
+        f"  logs     {result.log_dir}",
+        markup=False,
+    )

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+
 from scaler_wizard.cli.state import err, open_store, out, print_json
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]

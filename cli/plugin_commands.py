@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+
 from scaler_wizard.cli.state import out, print_json
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+
 from scaler_wizard.cli.state import open_store, out, print_json
 from scaler_wizard.errors import ScalerError
 

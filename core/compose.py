@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+
 from scaler_wizard.banks import BankHash, ContentStore, encode_bank
 from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
 from scaler_wizard.banks.store import canonical_json, validate_name
 from scaler_wizard.base_encoder import import_base, load_base, locate_base
 from scaler_wizard.branch import Branch, BranchAdapter, Head
 from scaler_wizard.errors import (
+    BankNotFoundError,
     ConflictError,
     IntegrityError,
     ManifestError,
@@ -23,8 +28,8 @@ from scaler_wizard.manifests.history import resolve_version
 from scaler_wizard.model import Origin, ScalerModel, Trunk
 from scaler_wizard.moe import Gating, MoELayer
 from scaler_wizard.plugin_manager import Registry, get_registry
+from scaler_wizard.verify import banks_of
 from scaler_wizard.version import __version__
-from torch import nn
 
 LIBRARY = {"distribution": "scaler-wizard", "version": __version__}
 
@@ -109,9 +114,10 @@ def _call_factory(factory: Any, cfg: Any, where: str, **kwargs: Any) -> Any:
         raise PluginError(f"{where}: {exc}") from exc
 
 
-def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, bank: str, where: str) -> None:
-    """Strict load with a one-line error naming the bank and the first mismatch."""
-    expected = module.state_dict()
+def _check_fit(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *, bank: str, where: str
+) -> None:
+    """A one-line error naming the bank and the first tensor that does not fit ``expected``."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -125,7 +131,44 @@ def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, bank: st
             )
         if not value.dtype.is_floating_point:
             raise IntegrityError(f"bank {bank} does not fit {where}: {key} is {value.dtype}")
+
+
+def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, bank: str, where: str) -> None:
+    """Strict load with a one-line error naming the bank and the first mismatch."""
+    expected = module.state_dict()
+    _check_fit(expected, tensors, bank=bank, where=where)
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def _build_from_bank(
+    build: Callable[[], Any], tensors: dict[str, torch.Tensor], *, bank: str, where: str
+) -> Any:
+    """Build a module and load a bank into it, refusing a bank that does not fit before allocating.
+
+    The module is first built on the meta device (no memory), so a manifest that declares
+    absurd sizes (``expert_hidden: 10**12``) is a one-line error, not an out-of-memory crash.
+    """
+    try:
+        with torch.device("meta"):
+            probe = build()
+    except ScalerError:
+        raise
+    except Exception:  # a plugin that cannot build on meta: check after building for real
+        probe = None
+    if probe is not None:
+        _check_fit(probe.state_dict(), tensors, bank=bank, where=where)
+    try:
+        module = build()
+    except (RuntimeError, MemoryError) as exc:
+        raise IntegrityError(f"bank {bank} does not fit {where}: {str(exc).splitlines()[0]}") from exc
+    _load_state(module, tensors, bank=bank, where=where)
+    return module
+
+
+def _moe_layer(factory: Any, cfg: Any, spec: dict[str, Any], *, hidden_size: int, where: str) -> MoELayer:
+    n = spec["num_experts"]
+    gate = _call_factory(factory, cfg, f"{where}.gating", hidden_size=hidden_size, num_experts=n)
+    return MoELayer(hidden_size, n, spec["expert_hidden"], gate)
 
 
 def _bank_tensors(store: ContentStore, h: str, *, kind: str, where: str) -> dict[str, torch.Tensor]:
@@ -170,9 +213,9 @@ def compose(
     for bname, entry in manifest["branches"].items():
         _resolve_ref(registry, "strategy", entry["strategy"], f"branches.{bname}.strategy")
         _resolve_ref(registry, "head", entry["head"], f"branches.{bname}.head")
-        for key in ("adapter_bank", "head_bank"):
-            if not store.has(entry[key]):
-                raise IntegrityError(f"branches.{bname}.{key}: bank {entry[key]} is missing from the store")
+    for field, bank, _kind in banks_of(manifest):
+        if not store.has(bank):
+            raise BankNotFoundError(f"{field}: bank {bank} is missing from the store {store.root}")
 
     base = load_base(store, manifest["base"], device=device)
     hidden = manifest["base"]["hidden_size"]
@@ -180,13 +223,10 @@ def compose(
     for i, spec_layer in enumerate(manifest["trunk"]["layers"]):
         where = f"trunk.layers[{i}]"
         factory, cfg = _resolve_ref(registry, "gating", spec_layer["gating"], f"{where}.gating")
-        gate = _call_factory(
-            factory, cfg, f"{where}.gating", hidden_size=hidden, num_experts=spec_layer["num_experts"]
-        )
-        layer = MoELayer(hidden, spec_layer["num_experts"], spec_layer["expert_hidden"], gate)
-        layer.gating_ref = spec_layer["gating"]
         tensors = _bank_tensors(store, spec_layer["bank"], kind="trunk-layer", where=where)
-        _load_state(layer, tensors, bank=spec_layer["bank"], where=where)
+        build = functools.partial(_moe_layer, factory, cfg, spec_layer, hidden_size=hidden, where=where)
+        layer = _build_from_bank(build, tensors, bank=spec_layer["bank"], where=where)
+        layer.gating_ref = spec_layer["gating"]
         layers.append(layer)
     trunk = Trunk(layers, pooling=manifest["trunk"]["pooling"]).to(device)
 
@@ -195,18 +235,16 @@ def compose(
         where = f"branches.{bname}"
         s_factory, s_cfg = _resolve_ref(registry, "strategy", entry["strategy"], f"{where}.strategy")
         h_factory, h_cfg = _resolve_ref(registry, "head", entry["head"], f"{where}.head")
-        adapter = _call_factory(s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden)
-        head = _call_factory(
-            h_factory, h_cfg, f"{where}.head", in_features=adapter.out_features, labels=entry["labels"]
-        )
-        _load_state(
-            adapter,
+        adapter = _build_from_bank(
+            lambda: _call_factory(s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden),
             _bank_tensors(store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"),
             bank=entry["adapter_bank"],
             where=f"{where}.adapter_bank",
         )
-        _load_state(
-            head,
+        head = _build_from_bank(
+            lambda: _call_factory(
+                h_factory, h_cfg, f"{where}.head", in_features=adapter.out_features, labels=entry["labels"]
+            ),
             _bank_tensors(store, entry["head_bank"], kind="head", where=f"{where}.head_bank"),
             bank=entry["head_bank"],
             where=f"{where}.head_bank",

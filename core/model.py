@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from scaler_wizard.base_encoder import BaseEncoder
 from scaler_wizard.branch import Branch, Prediction, TrunkOutput
 from scaler_wizard.errors import BranchNotFoundError, did_you_mean
 from scaler_wizard.moe import MoELayer
-from torch import Tensor, nn
 
 
 class Trunk(nn.Module):
@@ -121,6 +122,9 @@ class ScalerModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.trunk.parameters(), torch.empty(0)).device
+
+    def trunk_hidden_size(self) -> int:
+        return self.base.hidden_size
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> TrunkOutput:
         """The shared pass: base (frozen) then the MoE trunk."""

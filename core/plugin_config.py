@@ -10,6 +10,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
+
 from scaler_wizard.errors import PluginError
 from scaler_wizard.manifests.validation import describe
 

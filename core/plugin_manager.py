@@ -13,6 +13,7 @@ from typing import Any
 import pluggy
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
+
 from scaler_wizard import hookspecs
 from scaler_wizard.errors import PluginError, did_you_mean
 from scaler_wizard.plugin_config import build_config, config_schema

@@ -1,0 +1,184 @@
+"""``scaler branch add``: train a new branch on a labelled file and register it as a new version.
+
+Nothing already in the model is touched: existing branches are never even loaded, so their
+manifest entries and banks are carried over byte for byte.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaler_wizard.banks import BankHash, ContentStore
+from scaler_wizard.banks.store import validate_name
+from scaler_wizard.branch_training import BranchTrainingConfig, TrainingResult, config_dict, train_branch
+from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
+from scaler_wizard.data import LabelledData, load_labelled, stratified_split
+from scaler_wizard.errors import DataError, ScalerError
+from scaler_wizard.features import cached_pooled
+from scaler_wizard.fingerprint import fingerprint_of, probe_logits
+from scaler_wizard.version import __version__
+
+
+@dataclass
+class BranchAddResult:
+    model: str
+    branch: str
+    manifest: BankHash
+    version: int
+    labels: list[str]
+    metrics: dict[str, Any]
+    training: TrainingResult
+    feature_seconds: float
+    features_cached: bool
+    log_dir: Path
+
+
+@dataclass
+class DataSpec:
+    path: Path
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_path: Path | None = None
+    eval_split: float = 0.1
+
+
+Reporter = Callable[[str, dict[str, Any]], None]
+
+
+def _targets(data: LabelledData, labels: list[str], where: str) -> torch.Tensor:
+    index = {lab: i for i, lab in enumerate(labels)}
+    unknown = sorted({lab for lab in data.labels if lab not in index})
+    if unknown:
+        raise DataError(f"{where}: labels {unknown[:5]} are not in the training labels {labels}")
+    return torch.tensor([index[lab] for lab in data.labels], dtype=torch.long)
+
+
+def add_branch(
+    store: ContentStore,
+    model_name: str,
+    branch_name: str,
+    data: DataSpec,
+    *,
+    strategy: str = "lora",
+    strategy_config: dict[str, Any] | None = None,
+    head: str = "linear",
+    head_config: dict[str, Any] | None = None,
+    training: BranchTrainingConfig | None = None,
+    log_root: Path | None = None,
+    report: Reporter | None = None,
+    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> BranchAddResult:
+    """Check everything cheap first, then compute features, train, evaluate, save a version."""
+    training = training or BranchTrainingConfig()
+    note = report or (lambda _event, _info: None)
+    validate_name(branch_name, what="branch")
+    existing = store.get_manifest(store.resolve(model_name))["branches"]
+    if branch_name in existing:
+        raise ScalerError(
+            f"model {model_name!r} already has a branch {branch_name!r} "
+            f"(remove it first with `scaler branch remove {model_name} {branch_name}`, or pick another name)"
+        )
+    full = load_labelled(data.path, text_column=data.text_column, label_column=data.label_column)
+    if data.eval_path is not None:
+        train_data = full
+        eval_data = load_labelled(
+            data.eval_path, text_column=data.text_column, label_column=data.label_column, min_classes=1
+        )
+    else:
+        train_data, eval_data = stratified_split(full, data.eval_split, seed=training.seed)
+    labels = full.label_names()
+    train_y = _targets(train_data, labels, str(data.path))
+    eval_y = _targets(eval_data, labels, str(data.eval_path or data.path))
+    note(
+        "data", {"train": len(train_data), "eval": len(eval_data), "labels": labels, "counts": full.counts()}
+    )
+
+    model = compose(store, model_name)
+    assert model.origin is not None
+    tid = trunk_id(model.origin.manifest)
+    hidden = model.trunk_hidden_size()
+    branch = new_branch(
+        hidden_size=hidden,
+        labels=labels,
+        strategy=strategy,
+        strategy_config=strategy_config,
+        head=head,
+        head_config=head_config,
+    )
+    if getattr(branch.adapter, "needs_token_states", False):
+        raise ScalerError(f"strategy {strategy!r} needs token states; branch add caches pooled features only")
+
+    t0 = time.perf_counter()
+    texts = train_data.texts + eval_data.texts
+    progress = progress_factory("trunk features", len(texts)) if progress_factory else None
+    feats, cached = cached_pooled(store, model, tid, texts, progress=progress)
+    feature_seconds = time.perf_counter() - t0
+    note("features", {"seconds": feature_seconds, "cached": cached, "rows": len(texts)})
+    train_x, eval_x = feats[: len(train_data)], feats[len(train_data) :]
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    log_dir = (log_root or store.root / "runs") / model_name / f"{branch_name}-{stamp}-{os.getpid()}"
+    torch.manual_seed(training.seed)
+    result = train_branch(
+        branch,
+        train_x,
+        train_y,
+        eval_x,
+        eval_y,
+        training,
+        log_dir=log_dir,
+        on_epoch=lambda r: note("epoch", r),
+    )
+
+    model.add_branch(branch_name, branch)
+    fp = fingerprint_of(probe_logits(model, [branch_name])[branch_name])
+    branch.entry.update(
+        {
+            "trunk": tid,
+            "metrics": {
+                "accuracy": result.eval_metrics["accuracy"],
+                "macro_f1": result.eval_metrics["macro_f1"],
+                "eval_rows": len(eval_data),
+                "per_class": result.eval_metrics["per_class"],
+                "confusion_matrix": result.eval_metrics["confusion_matrix"],
+            },
+            "provenance": {
+                "data": full.source,
+                "train_rows": len(train_data),
+                "eval": eval_data.source,
+                "label_counts": full.counts(),
+                "training": {
+                    **config_dict(training),
+                    "steps": result.steps,
+                    "epochs_run": result.epochs_run,
+                    "best_epoch": result.best_epoch,
+                    "seconds": round(result.seconds, 3),
+                },
+                "library": {"distribution": "scaler-wizard", "version": __version__},
+                "torch": torch.__version__,
+            },
+            "fingerprint": fp,
+        }
+    )
+    manifest_hash = save_version(store, model, message=f"add branch {branch_name}")
+    assert model.origin is not None
+    return BranchAddResult(
+        model=model_name,
+        branch=branch_name,
+        manifest=manifest_hash,
+        version=int(model.origin.manifest["version"]),
+        labels=labels,
+        metrics=result.eval_metrics,
+        training=result,
+        feature_seconds=feature_seconds,
+        features_cached=cached,
+        log_dir=log_dir,
+    )

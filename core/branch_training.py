@@ -1,0 +1,188 @@
+"""Train one branch (adapter + head) on cached trunk features; everything else stays frozen."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from scaler_wizard.branch import Branch, TrunkOutput
+from scaler_wizard.metrics import classification_metrics
+
+
+@dataclass
+class BranchTrainingConfig:
+    """Recipe for ``branch add`` (defaults from the source documents where they give one)."""
+
+    epochs: int = 40
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr_adapter: float = 5e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 500  # capped at 10% of the run's steps
+    grad_clip: float = 1.0
+    patience: int = 8  # epochs without a better eval score before stopping
+    seed: int = 0
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    epochs_run: int
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _features(x: Tensor) -> TrunkOutput:
+    empty = x.new_zeros(())
+    return TrunkOutput(pooled=x, hidden=empty, mask=empty.bool(), aux_loss=empty)
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+@torch.no_grad()
+def predict_logits(branch: Branch, feats: Tensor, batch_size: int = 1024) -> Tensor:
+    was = branch.training
+    branch.eval()
+    out = torch.cat([branch(_features(feats[i : i + batch_size])) for i in range(0, len(feats), batch_size)])
+    branch.train(was)
+    return out
+
+
+def train_branch(
+    branch: Branch,
+    train_x: Tensor,
+    train_y: Tensor,
+    eval_x: Tensor,
+    eval_y: Tensor,
+    config: BranchTrainingConfig,
+    *,
+    log_dir: Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainingResult:
+    """AdamW (adapter/head learning rates), warm-up then linear decay, grad clip, early stopping
+    on eval macro-F1; the best epoch's weights are kept."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    groups = [
+        {"params": [p for p in branch.adapter.parameters() if p.requires_grad], "lr": config.lr_adapter},
+        {"params": [p for p in branch.head.parameters() if p.requires_grad], "lr": config.lr_head},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    n = len(train_x)
+    per_epoch = math.ceil(n / config.batch_size)
+    total = per_epoch * config.epochs if config.max_steps is None else config.max_steps
+    warmup = min(config.warmup_steps, max(1, total // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
+    writer = _tensorboard(log_dir)
+    jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8") if log_dir else None
+    best_score: tuple[float, float] | None = None
+    best_state: dict[str, Tensor] | None = None
+    best_epoch, bad_epochs, step, epoch = 0, 0, 0, 0
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    labels = list(branch.labels)
+    try:
+        while step < total:
+            epoch += 1
+            branch.train()
+            perm = torch.randperm(n, generator=gen)
+            losses = []
+            for start in range(0, n, config.batch_size):
+                if step >= total:
+                    break
+                idx = perm[start : start + config.batch_size]
+                logits = branch(_features(train_x[idx]))
+                loss = branch.head.loss(logits, train_y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(branch.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                losses.append(loss.item())
+                if writer:
+                    writer.add_scalar("train/loss", loss.item(), step)
+                    writer.add_scalar("train/grad_norm", float(gnorm), step)
+            pred = predict_logits(branch, eval_x).argmax(-1)
+            metrics = classification_metrics(eval_y.tolist(), pred.tolist(), labels)
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": sum(losses) / max(1, len(losses)),
+                "eval_accuracy": metrics["accuracy"],
+                "eval_macro_f1": metrics["macro_f1"],
+                "lr_head": optimizer.param_groups[-1]["lr"],
+                "elapsed_s": time.perf_counter() - started,
+            }
+            history.append(record)
+            if writer:
+                writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
+                writer.add_scalar("eval/macro_f1", metrics["macro_f1"], step)
+            if jsonl:
+                jsonl.write(json.dumps(record) + "\n")
+                jsonl.flush()
+            if on_epoch:
+                on_epoch(record)
+            score = (metrics["macro_f1"], metrics["accuracy"])
+            if best_score is None or score > best_score:
+                best_score, best_epoch, bad_epochs = score, epoch, 0
+                best_state = copy.deepcopy(branch.state_dict())
+            else:
+                bad_epochs += 1
+                if bad_epochs >= config.patience:
+                    break
+    finally:
+        if writer:
+            writer.close()
+        if jsonl:
+            jsonl.close()
+    if best_state is not None:
+        branch.load_state_dict(best_state)
+    branch.eval()
+    pred = predict_logits(branch, eval_x).argmax(-1)
+    final = classification_metrics(eval_y.tolist(), pred.tolist(), labels)
+    return TrainingResult(
+        steps=step,
+        epochs_run=epoch,
+        best_epoch=best_epoch,
+        stopped_early=step < total,
+        seconds=time.perf_counter() - started,
+        history=history,
+        eval_metrics=final,
+    )
+
+
+def _tensorboard(log_dir: Path | None) -> Any:
+    if log_dir is None:
+        return None
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; the JSONL log is always written
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def config_dict(config: BranchTrainingConfig) -> dict[str, Any]:
+    return asdict(config)
