@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from scaler_wizard.cli import branch_commands, model_commands, plugin_commands, predict_command
+from scaler_wizard.cli import branch_commands, eval_command, model_commands, plugin_commands, predict_command
 from scaler_wizard.cli.state import STATE, err
 from scaler_wizard.version import __version__
 
@@ -49,6 +49,7 @@ def root(
 
 model_commands.register(app)
 predict_command.register(app)
+eval_command.register(app)
 plugin_commands.register(app)
 app.add_typer(branch_commands.branch_app, name="branch")
 

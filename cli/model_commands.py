@@ -136,6 +136,10 @@ def branch_table(store: Any, m: dict[str, Any]) -> Table:
 
 def verify(
     model: Annotated[str, typer.Argument(help="Model name, name@VERSION, or manifest hash.")],
+    deep: Annotated[
+        bool,
+        typer.Option("--deep", help="Also recompute every branch's outputs on the probe set (fingerprints)."),
+    ] = False,
     all_versions: Annotated[
         bool, typer.Option("--all-versions", help="Check every version in the history.")
     ] = False,
@@ -155,6 +159,10 @@ def verify(
         checks = [c for c in verify_version(store, vh) if c.bank not in seen or not c.ok]
         seen.update(c.bank for c in checks if c.ok)
         results.append((vh, checks))
+    if deep and not any(not c.ok for _, checks in results for c in checks):
+        from scaler_wizard.verify import verify_fingerprints
+
+        results.append((h, verify_fingerprints(store, h)))
     bad = [(vh, c) for vh, checks in results for c in checks if not c.ok]
     if as_json:
         print_json(

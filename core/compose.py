@@ -207,14 +207,16 @@ def compose(
     registry = registry or get_registry()
     name, h = resolve_version(store, spec)
     manifest = validate_manifest(store.get_manifest(h), where=f"manifest {h.short} ({name})")
-    # Fail early and cheaply: every plugin present, every config valid, every bank on disk.
+    # Fail early and cheaply: every plugin present, every config valid, every bank the trunk
+    # needs on disk. A branch's banks are checked when it is first used, so a model whose
+    # unused branch lost a bank (a partial pull, a pruned store) still serves the others.
     for i, layer in enumerate(manifest["trunk"]["layers"]):
         _resolve_ref(registry, "gating", layer["gating"], f"trunk.layers[{i}].gating")
     for bname, entry in manifest["branches"].items():
         _resolve_ref(registry, "strategy", entry["strategy"], f"branches.{bname}.strategy")
         _resolve_ref(registry, "head", entry["head"], f"branches.{bname}.head")
     for field, bank, _kind in banks_of(manifest):
-        if not store.has(bank):
+        if not field.startswith("branches.") and not store.has(bank):
             raise BankNotFoundError(f"{field}: bank {bank} is missing from the store {store.root}")
 
     base = load_base(store, manifest["base"], device=device)
@@ -235,6 +237,9 @@ def compose(
         where = f"branches.{bname}"
         s_factory, s_cfg = _resolve_ref(registry, "strategy", entry["strategy"], f"{where}.strategy")
         h_factory, h_cfg = _resolve_ref(registry, "head", entry["head"], f"{where}.head")
+        for key in ("adapter_bank", "head_bank"):
+            if not store.has(entry[key]):
+                raise BankNotFoundError(f"{where}.{key}: bank {entry[key]} is missing from the store {store.root}")
         adapter = _build_from_bank(
             lambda: _call_factory(s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden),
             _bank_tensors(store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"),

@@ -77,6 +77,7 @@ class ScalerModel(nn.Module):
         self.trunk = trunk
         self.branches = nn.ModuleDict()
         self._pending: list[str] = list(branch_names)
+        self._order: list[str] = list(branch_names)
         self._loader = branch_loader
         #: the stored version this model was composed from (None for one built in memory)
         self.origin: Origin | None = None
@@ -84,7 +85,9 @@ class ScalerModel(nn.Module):
     # -- branches -------------------------------------------------------------------
     @property
     def branch_names(self) -> list[str]:
-        return list(self.branches.keys()) + [n for n in self._pending if n not in self.branches]
+        """Manifest order, then branches added since; loading a branch does not reorder them."""
+        known = [n for n in self._order if n in self.branches or n in self._pending]
+        return known + [n for n in self.branches if n not in known]
 
     def is_loaded(self, name: str) -> bool:
         return name in self.branches
@@ -96,7 +99,8 @@ class ScalerModel(nn.Module):
         if name in self._pending and self._loader is not None:
             loaded = self._loader(name)
             device = next(self.trunk.parameters(), torch.empty(0)).device
-            self.branches[name] = loaded.to(device)
+            # A branch follows the model's mode, whenever it happens to be loaded.
+            self.branches[name] = loaded.to(device).train(self.training)
             self._pending.remove(name)
             return loaded
         raise BranchNotFoundError(f"no branch named {name!r} {did_you_mean(name, self.branch_names)}")
@@ -104,7 +108,8 @@ class ScalerModel(nn.Module):
     def add_branch(self, name: str, branch: Branch) -> None:
         if name in self.branch_names:
             raise ValueError(f"branch {name!r} exists")
-        self.branches[name] = branch
+        self.branches[name] = branch.train(self.training)
+        self._order.append(name)
 
     def remove_branch(self, name: str) -> None:
         if name in self.branches:
@@ -113,6 +118,8 @@ class ScalerModel(nn.Module):
             self._pending.remove(name)
         else:
             raise BranchNotFoundError(f"no branch named {name!r} {did_you_mean(name, self.branch_names)}")
+        if name in self._order:
+            self._order.remove(name)
 
     def load_all_branches(self) -> None:
         for name in list(self._pending):

@@ -54,3 +54,25 @@ def verify_version(store: ContentStore, h: str, *, trust_cache: bool = False) ->
         except ScalerError as exc:
             checks.append(Check(field, bank, False, str(exc)))
     return checks
+
+
+def verify_fingerprints(store: ContentStore, h: str) -> list[Check]:
+    """Recompute each branch's probe-set logits and compare them with its recorded fingerprint."""
+    from scaler_wizard.compose import compose
+    from scaler_wizard.fingerprint import check_fingerprint, probe_logits
+
+    model = compose(store, h)
+    assert model.origin is not None
+    entries = model.origin.manifest["branches"]
+    with_fp = [n for n in model.branch_names if entries[n].get("fingerprint")]
+    logits = probe_logits(model, with_fp) if with_fp else {}
+    checks = []
+    for name in model.branch_names:
+        recorded = entries[name].get("fingerprint")
+        if not recorded:
+            checks.append(Check(f"branches.{name}.fingerprint", "", True, "no fingerprint recorded"))
+            continue
+        fc = check_fingerprint(name, recorded, logits[name])
+        detail = "bit-identical" if fc.exact else f"max |diff| {fc.max_abs_diff:.2e}"
+        checks.append(Check(f"branches.{name}.fingerprint", str(recorded.get("sha256", "")), fc.ok, detail))
+    return checks

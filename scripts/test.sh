@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up .venv, then lint, type-check and run the whole test suite (slow tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+.venv/bin/ruff check .
+.venv/bin/ruff format --check core plugins banks manifests cli bench
+.venv/bin/mypy
+set +e
+.venv/bin/pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$rc"
