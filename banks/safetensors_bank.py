@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
+
 from scaler_wizard.banks.hashing import BankHash
 from scaler_wizard.errors import IntegrityError
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+
 from scaler_wizard.banks.atomic import TMP_PREFIX, atomic_write_bytes, atomic_writer
 from scaler_wizard.banks.hashing import BankHash, sha256_file
 from scaler_wizard.errors import (
@@ -31,10 +32,23 @@ from scaler_wizard.errors import (
 )
 
 STORE_FORMAT = "scaler-wizard-store"
+TREE_FORMAT = "scaler-wizard/tree"
+_TREE_MAGIC = b'{\n  "files"'  # canonical_json of a tree starts so ("files" sorts first)
+_TREE_MAX_BYTES = 1 << 20
 STORE_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 _LOCK_TIMEOUT_S = float(os.environ.get("SCALER_LOCK_TIMEOUT", "120"))
+
+
+def _safe_relpath(rel: str) -> bool:
+    parts = rel.split("/")
+    return (
+        bool(rel)
+        and not rel.startswith("/")
+        and all(p not in ("", ".", "..") for p in parts)
+        and "\\" not in rel
+    )
 
 
 def default_store_path() -> Path:
@@ -198,6 +212,60 @@ class ContentStore:
                 if not f.name.startswith(TMP_PREFIX):
                     with contextlib.suppress(StoreError):
                         yield BankHash("sha256:" + sub.name + f.name)
+
+    # -- trees (folder banks, e.g. a PEFT adapter folder) ------------------------------
+    def put_tree(self, folder: str | Path, *, kind: str, layout: str) -> BankHash:
+        """Store every file of a folder, then a tree object naming them; returns the tree's name.
+
+        A tree is canonical JSON ``{"format": TREE_FORMAT, "kind", "layout", "files": {path: hash}}``,
+        so a folder bank is named by the sha256 of its content like any other bank.
+        """
+        folder = Path(folder)
+        files: dict[str, str] = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            files[rel] = str(self.put_file(path))
+        return self.put_bytes(
+            canonical_json({"format": TREE_FORMAT, "kind": kind, "layout": layout, "files": files})
+        )
+
+    def read_tree(self, h: str, *, trust_cache: bool = True) -> dict[str, Any] | None:
+        """The tree object's JSON if ``h`` names a tree, else None (it is a plain bank)."""
+        path = self.verified_path(h, trust_cache=trust_cache)
+        with open(path, "rb") as fh:
+            head = fh.read(len(_TREE_MAGIC))
+        if head != _TREE_MAGIC or path.stat().st_size > _TREE_MAX_BYTES:
+            return None
+        try:
+            tree = json.loads(path.read_bytes())
+        except ValueError:
+            return None
+        if not isinstance(tree, dict) or tree.get("format") != TREE_FORMAT:
+            return None
+        files = tree.get("files")
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and _safe_relpath(k) and isinstance(v, str) for k, v in files.items()
+        ):
+            raise IntegrityError(f"tree {h} lists an invalid file name or hash")
+        for v in files.values():
+            BankHash(v)
+        return tree
+
+    def tree_members(self, h: str) -> dict[str, BankHash]:
+        """``{relative path: object}`` of a tree; empty for a plain bank."""
+        tree = self.read_tree(h)
+        return {k: BankHash(v) for k, v in tree["files"].items()} if tree else {}
+
+    def materialize_tree(self, h: str, dest: Path) -> Path:
+        """Lay a tree out under ``dest`` as symlinks to verified objects (read-only view)."""
+        tree = self.read_tree(h)
+        if tree is None:
+            raise IntegrityError(f"bank {h} is not a folder bank")
+        for rel, member in sorted(tree["files"].items()):
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(self.verified_path(member), target)
+        return dest
 
     # -- the verification cache ------------------------------------------------------
     def _cache_file(self) -> Path:

@@ -39,12 +39,24 @@ def root(
         ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="A plugin that fails to load is an error, not a warning (for plugin authors; "
+            "same as SCALER_STRICT_PLUGINS=1).",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     STATE.store = store
     STATE.debug = debug
+    if strict:  # main() already applied it before loading plugins; this covers in-process callers
+        from scaler_wizard.plugin_manager import set_strict
+
+        set_strict(True)
 
 
 model_commands.register(app)
@@ -62,14 +74,39 @@ def _add_plugin_commands() -> None:
     if _plugins_added:
         return
     _plugins_added = True
-    from scaler_wizard.plugin_manager import get_plugin_manager
+    from scaler_wizard.errors import PluginError
+    from scaler_wizard.plugin_manager import get_plugin_manager, strict_mode
 
     pm = get_plugin_manager()
     for impl in pm.hook.register_commands.get_hookimpls():
         try:
             impl.function(cli=app)
         except Exception as exc:
-            err.print(f"warning: plugin {impl.plugin_name!r} failed to add commands: {exc}".splitlines()[0])
+            message = f"plugin {impl.plugin_name!r} failed to add commands: {exc}".splitlines()[0]
+            if strict_mode():
+                raise PluginError(message) from exc
+            err.print(f"warning: {message}", markup=False)
+
+
+#: root options that take a value (so the value is not mistaken for the command name)
+_ROOT_OPTIONS_WITH_VALUE = ("--store",)
+
+
+def _root_flag(args: list[str], flag: str) -> bool:
+    """Whether a root option such as ``--strict`` comes before the command name.
+
+    Plugins must load before the command line is parsed (they may add commands), so an
+    option that changes how they load is looked for here first.
+    """
+    words = iter(args)
+    for word in words:
+        if word == flag:
+            return True
+        if word in _ROOT_OPTIONS_WITH_VALUE:
+            next(words, None)
+        elif not word.startswith("-"):
+            return False
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("SCALER_DEBUG") not in (None, "", "0")
     try:
+        if _root_flag(args, "--strict"):
+            from scaler_wizard.plugin_manager import set_strict
+
+            set_strict(True)
         _add_plugin_commands()
         app(args=args, prog_name="scaler", standalone_mode=True)
     except ScalerError as exc:

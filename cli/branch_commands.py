@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -93,6 +94,18 @@ def remove_branch(
     out.print(f"removed {branch}: {model} v{m.origin.manifest['version']} {h}")
 
 
+def _json_config(raw: str | None, option: str, **overrides: Any) -> dict[str, Any] | None:
+    """A plugin config given on the command line; the plugin's schema validates it later."""
+    try:
+        config = {} if raw is None else json.loads(raw)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
+    if not isinstance(config, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint=option)
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return config or None
+
+
 @branch_app.command("add")
 def add(
     model: Annotated[str, typer.Argument(help="Model name.")],
@@ -109,13 +122,27 @@ def add(
     strategy: Annotated[str, typer.Option(help="Branch strategy plugin.")] = "lora",
     rank: Annotated[int | None, typer.Option(help="Adapter rank (strategies that take one).")] = None,
     head: Annotated[str, typer.Option(help="Head plugin.")] = "linear",
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")] = 40,
+    strategy_config: Annotated[
+        str | None,
+        typer.Option(
+            help="Strategy config as a JSON object, e.g. '{\"alpha\": 32}' (see `scaler plugins --json`)."
+        ),
+    ] = None,
+    head_config: Annotated[str | None, typer.Option(help="Head config as a JSON object.")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Maximum epochs (default 40; 3 for peft-lora); early stopping may end sooner."
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     seed: Annotated[int, typer.Option(help="Seed for the split, init and shuffling.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
 ) -> None:
     """Train a new branch on labelled data and register it; existing branches are untouched."""
+    strategy_options = _json_config(strategy_config, "--strategy-config", rank=rank)
+    head_options = _json_config(head_config, "--head-config")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     from scaler_wizard.branch_add import DataSpec, add_branch
@@ -146,7 +173,7 @@ def add(
             err.print("trunk features: from cache", markup=False)
         elif event == "epoch":
             if not epoch_task:
-                epoch_task.append(progress.add_task("training (epochs)", total=epochs))
+                epoch_task.append(progress.add_task("training (epochs)", total=epochs or None))
             progress.update(
                 epoch_task[0],
                 advance=1,
@@ -160,7 +187,8 @@ def add(
             branch,
             DataSpec(data, text_column, label_column, eval_data, eval_split),
             strategy=strategy,
-            strategy_config={"rank": rank} if rank is not None else None,
+            strategy_config=strategy_options,
+            head_config=head_options,
             head=head,
             training=cfg,
             report=report,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from scaler_wizard.cli.state import out, print_json
@@ -35,10 +36,11 @@ def plugin_report() -> list[dict[str, Any]]:
                 }
             )
     for failure in host.failures:
+        dist, _, version = failure.distribution.partition(" ")  # recorded as "NAME VERSION"
         rows[failure.plugin] = {
             "name": failure.plugin,
-            "distribution": failure.distribution,
-            "version": "",
+            "distribution": dist,
+            "version": version,
             "hooks": [],
             "registers": [],
             "error": failure.error,
@@ -68,7 +70,7 @@ def plugins(
     for row in report:
         regs = ", ".join(f"{r['kind']}:{r['name']}" for r in row["registers"]) or "-"
         if row.get("error"):
-            regs = f"[red]failed to load: {row['error']}[/red]"
+            regs = f"[red]failed to load: {escape(row['error'])}[/red]"
         cells = [row["name"], f"{row['distribution']} {row['version']}".strip(), regs]
         if hooks:
             cells.append(", ".join(row["hooks"]))

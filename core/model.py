@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,11 +108,13 @@ class ScalerModel(nn.Module):
     def add_branch(self, name: str, branch: Branch) -> None:
         if name in self.branch_names:
             raise ValueError(f"branch {name!r} exists")
+        branch.adapter.attach(self.base, name)
         self.branches[name] = branch.train(self.training)
         self._order.append(name)
 
     def remove_branch(self, name: str) -> None:
         if name in self.branches:
+            self.branch(name).adapter.detach(self.base, name)
             del self.branches[name]
         elif name in self._pending:
             self._pending.remove(name)
@@ -134,9 +136,34 @@ class ScalerModel(nn.Module):
         return self.base.hidden_size
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> TrunkOutput:
-        """The shared pass: base (frozen) then the MoE trunk."""
-        hidden = self.base(input_ids, attention_mask, **extra)  # (B, T, d)
-        return self.trunk(hidden, attention_mask.bool())
+        """The shared pass: base (frozen, in-encoder adapters off) then the MoE trunk."""
+        return self.encode_batch({"input_ids": input_ids, "attention_mask": attention_mask, **extra})
+
+    def encode_batch(
+        self, batch: Mapping[str, Tensor], *, adapter: str | None = None, grad: bool = False
+    ) -> TrunkOutput:
+        """Base then trunk. ``adapter``: run with that branch's in-encoder adapter active (its
+        own pass); None: the shared pass. ``grad``: keep autograd on (training such an adapter)."""
+        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        mask = batch["attention_mask"]
+        hidden = self.base(batch["input_ids"], mask, adapter=adapter, grad=grad, **extra)  # (B, T, d)
+        return self.trunk(hidden, mask.bool())
+
+    def _run(
+        self, names: list[str], modules: list[Branch], batch: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], TrunkOutput | None]:
+        """Logits for each branch: one shared trunk pass for all branches that can share it,
+        plus one pass per branch whose adapter lives inside the base encoder."""
+        own = [n for n, m in zip(names, modules, strict=True) if m.adapter.needs_base_pass]
+        shared = self.encode_batch(batch) if len(own) < len(names) else None
+        logits: dict[str, Tensor] = {}
+        for n, m in zip(names, modules, strict=True):
+            if n in own:
+                logits[n] = m(self.encode_batch(batch, adapter=n))
+            else:
+                assert shared is not None
+                logits[n] = m(shared)
+        return logits, shared
 
     def forward(
         self,
@@ -148,8 +175,11 @@ class ScalerModel(nn.Module):
         """One trunk pass, then the logits of each requested branch (all when None)."""
         names = self.branch_names if branches is None else list(branches)
         modules = [self.branch(n) for n in names]  # fail on a bad name before computing
-        trunk = self.encode(input_ids, attention_mask, **extra)
-        return ModelOutput(logits={n: m(trunk) for n, m in zip(names, modules, strict=True)}, trunk=trunk)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+        logits, shared = self._run(names, modules, batch)
+        if shared is None:  # every requested branch had its own pass: report the plain trunk
+            shared = self.encode_batch(batch)
+        return ModelOutput(logits=logits, trunk=shared)
 
     @torch.inference_mode()
     def predict(
@@ -164,9 +194,9 @@ class ScalerModel(nn.Module):
         try:
             for start in range(0, len(texts), batch_size):
                 batch = self.base.tokenize(list(texts[start : start + batch_size]), self.device)
-                trunk = self.encode(**batch)
+                logits, _ = self._run(names, modules, batch)
                 for n, m in zip(names, modules, strict=True):
-                    out[n].extend(m.predict(trunk))
+                    out[n].extend(m.head.decode(m.head.probabilities(logits[n]), m.labels))
         finally:
             self.train(was_training)
         return out

@@ -8,11 +8,10 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from scaler_wizard.errors import PluginError
-from scaler_wizard.manifests.validation import describe
+from scaler_wizard.manifests.validation import StrictValidator, describe
 
 _SCALARS: dict[Any, str] = {int: "integer", float: "number", bool: "boolean", str: "string"}
 _SCHEMA_KEYS = (
@@ -90,7 +89,7 @@ def build_config(config: type | dict[str, Any] | None, raw: Any, *, where: str) 
             raise PluginError(f"{where}: takes no options, got {sorted(raw)}")
         return None, {}
     schema = config_schema(config) if isinstance(config, type) else config
-    errors = list(Draft202012Validator(schema).iter_errors(raw))
+    errors = list(StrictValidator(schema).iter_errors(raw))
     if errors:
         msg = describe(best_match(errors))
         raise PluginError(f"{where}.{msg}" if not msg.startswith("(top level)") else f"{where}{msg[11:]}")

@@ -24,9 +24,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "scaler_wizard.plugins.gating",
     "scaler_wizard.plugins.heads",
     "scaler_wizard.plugins.lora",
+    "scaler_wizard.plugins.peft_lora",
     "scaler_wizard.plugins.stores",
 )
 SELF_DISTRIBUTION = "scaler-wizard"
+#: provider of a plugin registered in code rather than installed: nothing to tell users to install
+UNKNOWN_DISTRIBUTION = "unknown"
 
 #: hook name -> registry kind
 KINDS: dict[str, str] = {
@@ -81,10 +84,23 @@ class PluginHost:
 
 _host: PluginHost | None = None
 _registry_cache: tuple[tuple[int, ...], Registry] | None = None
+_strict: bool | None = None  # set_strict(); None: SCALER_STRICT_PLUGINS decides
+
+
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, refusing plugins that declare an unsupported ``scaler_wizard_api``.
+
+    Checked here so that a plugin registered in code (``pm.register(obj)``) is refused
+    exactly like one found through an entry point.
+    """
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        _check_api(plugin, name or self.get_canonical_name(plugin))
+        return super().register(plugin, name)
 
 
 def _new_host() -> PluginHost:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = _PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     host = PluginHost(pm)
     for module_name in DEFAULT_PLUGINS:
@@ -97,7 +113,23 @@ def _new_host() -> PluginHost:
 
 
 def strict_mode() -> bool:
+    """Whether a plugin that fails to load is an error rather than a warning."""
+    if _strict is not None:
+        return _strict
     return os.environ.get("SCALER_STRICT_PLUGINS", "") not in ("", "0", "false")
+
+
+def set_strict(strict: bool | None = True) -> None:
+    """Force strict loading on or off (``scaler --strict``); None follows SCALER_STRICT_PLUGINS.
+
+    Call it before plugins are first loaded; if they already were, a failure recorded then
+    is raised now, so the switch means the same whenever it is given.
+    """
+    global _strict
+    _strict = strict
+    if strict and _host is not None and _host.failures:
+        f = _host.failures[0]
+        raise PluginError(f"plugin {f.plugin!r} ({f.distribution}) failed to load: {f.error}")
 
 
 def _load_entry_points(host: PluginHost) -> None:
@@ -151,10 +183,11 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def reset_plugins() -> None:
-    """Forget the manager so the next use re-discovers plugins (for tests and long sessions)."""
-    global _host, _registry_cache
+    """Forget the manager (and ``set_strict``) so the next use re-discovers plugins (for tests)."""
+    global _host, _registry_cache, _strict
     _host = None
     _registry_cache = None
+    _strict = None
 
 
 class Registry:
@@ -184,7 +217,7 @@ class Registry:
         if reg is not None:
             return reg
         at = f"{where}: " if where else ""
-        if provider and provider.get("distribution") not in (None, SELF_DISTRIBUTION):
+        if provider and provider.get("distribution") not in (None, SELF_DISTRIBUTION, UNKNOWN_DISTRIBUTION):
             dist, ver = provider["distribution"], provider.get("version", "")
             hint = f"; install `{dist}>={ver}`" if ver else f"; install `{dist}`"
             raise PluginError(f"{at}{KIND_HELP[kind]} plugin {name!r} is not installed{hint}")
@@ -201,7 +234,7 @@ def _distribution_of(host: PluginHost, plugin_name: str, plugin: object) -> tupl
     for dist_name, (d, v) in ((p, host.distributions[p]) for p in host.distributions):
         if host.pm.get_plugin(dist_name) is plugin:
             return d, v
-    return "unknown", "0"
+    return UNKNOWN_DISTRIBUTION, "0"
 
 
 def build_registry(host: PluginHost | None = None) -> Registry:
@@ -210,7 +243,7 @@ def build_registry(host: PluginHost | None = None) -> Registry:
     registry = Registry()
     for hook_name, kind in KINDS.items():
         hook = getattr(host.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order, built-ins first
+        for impl in hook.get_hookimpls():  # registration order (pluggy calls LIFO), built-ins first
             dist, version = _distribution_of(host, impl.plugin_name, impl.plugin)
 
             def register(

@@ -21,7 +21,11 @@ class Check:
 
 
 def banks_of(manifest: dict[str, Any]) -> list[tuple[str, str, str | None]]:
-    """(field, bank hash, expected safetensors kind or None for plain files) for every bank."""
+    """(field, bank hash, expected kind or None for plain files) for every bank a manifest names.
+
+    An ``adapter_bank`` may be a folder bank (a tree object): ``ContentStore.tree_members``
+    lists the objects it names, which belong to the version too.
+    """
     out: list[tuple[str, str, str | None]] = [("base.bank", manifest["base"]["bank"], "base")]
     out += [(f"base.files.{n}", h, None) for n, h in sorted(manifest["base"]["files"].items())]
     out += [
@@ -46,6 +50,18 @@ def verify_version(store: ContentStore, h: str, *, trust_cache: bool = False) ->
     for field, bank, kind in banks_of(manifest):
         try:
             path = store.verified_path(bank, trust_cache=trust_cache)
+            tree = store.read_tree(bank) if kind == "adapter" else None
+            if tree is not None:  # a folder bank: its listing, then every file it names
+                if tree.get("kind") != kind:
+                    raise ScalerError(f"is a {tree.get('kind')!r} folder bank, expected {kind!r}")
+                checks.append(Check(field, bank, True, size=path.stat().st_size))
+                for rel, member in sorted(tree["files"].items()):
+                    try:
+                        mpath = store.verified_path(member, trust_cache=trust_cache)
+                        checks.append(Check(f"{field}[{rel}]", member, True, size=mpath.stat().st_size))
+                    except ScalerError as exc:
+                        checks.append(Check(f"{field}[{rel}]", member, False, str(exc)))
+                continue
             if kind is not None:
                 meta = read_bank_metadata(path, name=bank)
                 if meta.get("scaler.kind") != kind:

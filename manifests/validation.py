@@ -7,8 +7,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
+
 from scaler_wizard.errors import ManifestError
 
 MANIFEST_FORMAT = "scaler-wizard/manifest"
@@ -23,11 +24,23 @@ def load_schema() -> dict[str, Any]:
     return schema
 
 
+def _is_strict_integer(checker: Any, instance: Any) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+#: Draft 2020-12 counts 8.0 as an integer; the code sizing tensors with it would not, so a
+#: manifest (or plugin config) must write integers without a fraction part.
+StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
+
+
 @cache
-def _validator() -> Draft202012Validator:
+def _validator() -> Any:
     schema = load_schema()
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return StrictValidator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def field_path(path: Any) -> str:

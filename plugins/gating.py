@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from scaler_wizard import hookimpl
 from scaler_wizard.moe import Gating, Routing, apply_capacity, load_balancing_loss
-from torch import Tensor, nn
 
 
 @dataclass

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from scaler_wizard import hookimpl
 from scaler_wizard.branch import Head, Prediction
-from torch import Tensor, nn
 
 
 @dataclass

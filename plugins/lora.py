@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor, nn
+
 from scaler_wizard import hookimpl
 from scaler_wizard.branch import BranchAdapter, TrunkOutput
-from torch import Tensor, nn
 
 
 @dataclass
