@@ -35,9 +35,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -62,7 +65,7 @@ def ensure_olah(timeout: float = 900) -> Path:
     cli = olah_venv() / "bin" / "olah-cli"
     try:
         proc = subprocess.run(
-            ["bash", str(SETUP_SCRIPT)],
+            [shutil.which("bash") or "/bin/bash", str(SETUP_SCRIPT)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -103,10 +106,12 @@ class HubServer:
             "no_proxy": _NO_PROXY,
         }
 
-    def api(self, **kwargs: Any):
+    def api(self, **kwargs: Any) -> HfApi:
+        """``HfApi`` bound to this server (and its token unless ``token=`` is given)."""
         from huggingface_hub import HfApi
 
-        return HfApi(endpoint=self.endpoint, token=self.token, **kwargs)
+        kwargs.setdefault("token", self.token)
+        return HfApi(endpoint=self.endpoint, **kwargs)
 
     def repo_dir(self, repo_id: str, repo_type: str | None = None) -> Path:
         return self.root / REPO_TYPE_DIRS[repo_type] / repo_id
@@ -248,8 +253,18 @@ def start_hub_server(
             for name, cmd, env, cwd in (
                 (
                     "write_server.log",
-                    [sys.executable, str(WRITE_SERVER), "--root", str(root), "--port", str(front_port),
-                     "--upstream-port", str(olah_port), "--user", user],
+                    [
+                        sys.executable,
+                        str(WRITE_SERVER),
+                        "--root",
+                        str(root),
+                        "--port",
+                        str(front_port),
+                        "--upstream-port",
+                        str(olah_port),
+                        "--user",
+                        user,
+                    ],
                     _clean_env({"HUBSERVER_TOKEN": token}),
                     workdir,
                 ),
@@ -260,11 +275,16 @@ def start_hub_server(
                     workdir / "olah",
                 ),
             ):
-                log = open(workdir / name, "ab")  # noqa: SIM115 - closed in the finally below
+                log = open(workdir / name, "ab")  # closed in the finally below
                 logs.append(log)
                 server._procs.append(
                     subprocess.Popen(
-                        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        cmd,
+                        cwd=cwd,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
                         preexec_fn=_child_setup,
                     )
                 )
@@ -316,9 +336,7 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
 
 
 @pytest.fixture
-def hub_env(
-    hub_server: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[HubServer]:
+def hub_env(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
     """Point huggingface_hub at the test Hub in this process: env vars *and* the already-imported
     ``huggingface_hub.constants`` (read at import time), with a private HF_HOME under tmp_path."""
     hf_home = tmp_path / "hf_home"
@@ -327,7 +345,7 @@ def hub_env(
         monkeypatch.setenv(key, value)
     from huggingface_hub import constants
 
-    for name, value in {
+    patches: dict[str, object] = {
         "ENDPOINT": hub_server.endpoint,
         "HUGGINGFACE_CO_URL_TEMPLATE": hub_server.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HUB_DISABLE_XET": True,
@@ -335,7 +353,8 @@ def hub_env(
         "HF_HOME": str(hf_home),
         "HF_HUB_CACHE": str(hf_home / "hub"),
         "HUGGINGFACE_HUB_CACHE": str(hf_home / "hub"),
-    }.items():
-        if hasattr(constants, name):
-            monkeypatch.setattr(constants, name, value)
+    }
+    for attr, new in patches.items():
+        if hasattr(constants, attr):
+            monkeypatch.setattr(constants, attr, new)
     yield hub_server

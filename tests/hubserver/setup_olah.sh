@@ -20,11 +20,12 @@ STAMP="$VENV/.hubserver-olah-stamp"
 want_stamp() {
     local h
     h="$(sha256sum "$CONSTRAINTS" | cut -d' ' -f1)"
-    echo "olah==$OLAH_VERSION constraints=$h"
+    echo "olah==$OLAH_VERSION constraints=$h python=$("$PY" -c 'import sys; print(sys.version.split()[0])')"
 }
 
 is_ready() {
-    [ -x "$VENV/bin/olah-cli" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ]
+    [ -x "$VENV/bin/olah-cli" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ] &&
+        "$VENV/bin/python" -c "" >/dev/null 2>&1  # the venv's interpreter still runs
 }
 
 if is_ready; then

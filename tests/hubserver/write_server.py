@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime as _dt
 import hashlib
 import hmac
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 import urllib.parse
 import zlib
 from collections.abc import Iterator
@@ -52,22 +54,29 @@ OID_RE = re.compile(r"^[0-9a-f]{64}$")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # files >= 10 MiB always go through LFS (as on the Hub)
 EMPTY_SHA = "0" * 40
 
-POINTER_RE = re.compile(rb"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize ([0-9]+)\n$")
-
-# The .gitattributes the Hub puts in the initial commit of a new repo.
-DEFAULT_GITATTRIBUTES = "".join(
-    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
-    for pattern in [
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-        "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb",
-        "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*",
-        "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
-    ]
+POINTER_RE = re.compile(
+    rb"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize ([0-9]+)\n$"
 )
 
+# The .gitattributes the Hub puts in the initial commit of a new repo.
+_LFS_PATTERNS = """
+    *.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz
+    *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* *.tar.* *.tar
+    *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*
+"""
+DEFAULT_GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in _LFS_PATTERNS.split())
+
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "proxy-connection",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
 }
 
 
@@ -85,6 +94,7 @@ class HubError(Exception):
 # git helpers
 # --------------------------------------------------------------------------------------
 
+
 def _git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env.update(
@@ -98,13 +108,20 @@ def _git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def git(repo: str, *args: str, input: bytes | None = None, env: dict[str, str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+def git(
+    repo: str, *args: str, input: bytes | None = None, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        ["git", "-C", repo, *args], input=input, capture_output=True, env=_git_env(env), timeout=120,
+        ["git", "-C", repo, *args],
+        input=input,
+        capture_output=True,
+        env=_git_env(env),
+        timeout=120,
     )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
+        raise RuntimeError(
+            f"git {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}"
+        )
     return proc
 
 
@@ -136,14 +153,17 @@ def lfs_pointer(oid: str, size: int) -> bytes:
 def git_user_env(name: str) -> dict[str, str]:
     email = f"{name}@users.noreply.hubserver.invalid"
     return {
-        "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
-        "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email,
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": name,
+        "GIT_COMMITTER_EMAIL": email,
     }
 
 
 # --------------------------------------------------------------------------------------
 # glob matching for .gitattributes / .gitignore (good-enough subset of git's wildmatch)
 # --------------------------------------------------------------------------------------
+
 
 def _glob_to_regex(pattern: str) -> re.Pattern:
     i, out = 0, []
@@ -170,7 +190,7 @@ def _glob_to_regex(pattern: str) -> re.Pattern:
                 out.append(re.escape(c))
                 i += 1
             else:
-                body = pattern[i + 1:j]
+                body = pattern[i + 1 : j]
                 if body.startswith("!"):
                     body = "^" + body[1:]
                 out.append(f"[{body}]")
@@ -196,8 +216,10 @@ def path_matches(pattern: str, path: str) -> bool:
         candidates = path.split("/")
     if dir_only:  # "logs/" matches any file below a directory called logs
         parents = path.split("/")[:-1]
-        return any(regex.match("/".join(parents[: k + 1]) if "/" in pattern else parents[k])
-                   for k in range(len(parents)))
+        return any(
+            regex.match("/".join(parents[: k + 1]) if "/" in pattern else parents[k])
+            for k in range(len(parents))
+        )
     if "/" in pattern:
         # an anchored pattern also matches everything below a matching directory
         parts = path.split("/")
@@ -232,6 +254,7 @@ def is_ignored(gitignore: str, path: str) -> bool:
 # the store: repos on disk
 # --------------------------------------------------------------------------------------
 
+
 class Store:
     def __init__(self, root: str, user: str):
         self.root = os.path.abspath(root)
@@ -240,9 +263,18 @@ class Store:
         self._locks_guard = threading.Lock()
         self.stats_lock = threading.Lock()
         self.stats: dict[str, int] = {
-            "repos_created": 0, "repos_deleted": 0, "preupload_requests": 0, "lfs_batch_requests": 0,
-            "lfs_objects_already_present": 0, "lfs_objects_to_upload": 0, "lfs_uploads": 0,
-            "lfs_upload_bytes": 0, "lfs_verifies": 0, "commits": 0, "tags_created": 0, "proxied_requests": 0,
+            "repos_created": 0,
+            "repos_deleted": 0,
+            "preupload_requests": 0,
+            "lfs_batch_requests": 0,
+            "lfs_objects_already_present": 0,
+            "lfs_objects_to_upload": 0,
+            "lfs_uploads": 0,
+            "lfs_upload_bytes": 0,
+            "lfs_verifies": 0,
+            "commits": 0,
+            "tags_created": 0,
+            "proxied_requests": 0,
         }
         for d in REPO_TYPES.values():
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
@@ -301,8 +333,11 @@ class Store:
         self._check_rev_syntax(branch)
         proc = git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}", check=False)
         if proc.returncode != 0:
-            raise HubError(404, f"Invalid rev id: {branch} (commits can only be pushed to an existing branch)",
-                           "RevisionNotFound")
+            raise HubError(
+                404,
+                f"Invalid rev id: {branch} (commits can only be pushed to an existing branch)",
+                "RevisionNotFound",
+            )
         return proc.stdout.decode().strip()
 
     def ref_exists(self, repo: str, ref: str) -> bool:
@@ -360,9 +395,16 @@ class Store:
             os.makedirs(os.path.join(tmp, ".git", "lfs", "objects"), exist_ok=True)
             os.makedirs(os.path.join(tmp, ".git", "lfs", "tmp"), exist_ok=True)
             blob = write_blob(tmp, DEFAULT_GITATTRIBUTES.encode())
-            tree = git(tmp, "mktree", input=f"100644 blob {blob}\t.gitattributes\n".encode()).stdout.decode().strip()
-            commit = git(tmp, "commit-tree", tree, "-m", "initial commit",
-                         env=git_user_env(self.user)).stdout.decode().strip()
+            tree = (
+                git(tmp, "mktree", input=f"100644 blob {blob}\t.gitattributes\n".encode())
+                .stdout.decode()
+                .strip()
+            )
+            commit = (
+                git(tmp, "commit-tree", tree, "-m", "initial commit", env=git_user_env(self.user))
+                .stdout.decode()
+                .strip()
+            )
             git(tmp, "update-ref", "refs/heads/main", commit, "")
             try:
                 os.rename(tmp, final)  # atomic: olah never sees a half-created repo
@@ -384,15 +426,34 @@ class Store:
             shutil.rmtree(trash, ignore_errors=True)
         self.bump("repos_deleted")
 
+    def move_repo(self, type_dir: str, src: tuple[str, str], dst: tuple[str, str]) -> None:
+        repo = self.existing_repo(type_dir, *src)
+        target = self.repo_dir(type_dir, *dst)
+        with self.lock(repo):
+            if os.path.exists(target):
+                raise HubError(409, f"Repository {dst[0]}/{dst[1]} already exists")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(repo, target)
+
     # ---- commits -----------------------------------------------------------------------
 
-    def commit(self, repo: str, branch: str, ops: list[tuple[str, dict]], summary: str, description: str,
-               parent_commit: str | None) -> str:
+    def commit(
+        self,
+        repo: str,
+        branch: str,
+        ops: list[tuple[str, dict]],
+        summary: str,
+        description: str,
+        parent_commit: str | None,
+    ) -> str:
         with self.lock(repo):
             head = self.branch_head(repo, branch)
             if parent_commit and parent_commit != head:
-                raise HubError(412, f"A commit has happened since. Please refresh and try again "
-                                    f"(parentCommit {parent_commit} is not the head {head} of {branch}).")
+                raise HubError(
+                    412,
+                    f"A commit has happened since. Please refresh and try again "
+                    f"(parentCommit {parent_commit} is not the head {head} of {branch}).",
+                )
             entries = {p: (mode, sha) for p, (mode, sha, _) in self.tree_entries(repo, head).items()}
             for key, value in ops:
                 path = validate_repo_path(value.get("path"))
@@ -412,8 +473,11 @@ class Store:
                         raise HubError(400, f"Invalid LFS oid for {path}: {oid!r}")
                     obj = self.lfs_object_path(repo, oid)
                     if not os.path.isfile(obj):
-                        raise HubError(422, f"LFS object {oid} for {path} was not uploaded to this repo "
-                                            f"(call the LFS batch API and upload it first)")
+                        raise HubError(
+                            422,
+                            f"LFS object {oid} for {path} was not uploaded to this repo "
+                            f"(call the LFS batch API and upload it first)",
+                        )
                     size = os.path.getsize(obj)
                     if value.get("size") is not None and int(value["size"]) != size:
                         raise HubError(422, f"LFS object {oid} has size {size}, commit says {value['size']}")
@@ -438,15 +502,30 @@ class Store:
             try:
                 env = {"GIT_INDEX_FILE": index}
                 git(repo, "read-tree", "--empty", env=env)
-                info = b"".join(f"{mode} {sha}\t{p}".encode() + b"\0" for p, (mode, sha) in sorted(entries.items()))
+                info = b"".join(
+                    f"{mode} {sha}\t{p}".encode() + b"\0" for p, (mode, sha) in sorted(entries.items())
+                )
                 git(repo, "update-index", "--add", "-z", "--index-info", input=info, env=env)
                 tree = git(repo, "write-tree", env=env).stdout.decode().strip()
             finally:
                 if os.path.exists(index):
                     os.unlink(index)
             message = summary if not description else f"{summary}\n\n{description}"
-            new = git(repo, "commit-tree", tree, "-p", head, "-F", "-", input=message.encode(),
-                      env=git_user_env(self.user)).stdout.decode().strip()
+            new = (
+                git(
+                    repo,
+                    "commit-tree",
+                    tree,
+                    "-p",
+                    head,
+                    "-F",
+                    "-",
+                    input=message.encode(),
+                    env=git_user_env(self.user),
+                )
+                .stdout.decode()
+                .strip()
+            )
             git(repo, "update-ref", f"refs/heads/{branch}", new, head)  # compare-and-swap
         self.bump("commits")
         return new
@@ -490,6 +569,7 @@ ROUTES: list[tuple[str, re.Pattern, str]] = [
         ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", r"/api/repos/create", "create_repo"),
         ("DELETE", r"/api/repos/delete", "delete_repo"),
+        ("POST", r"/api/repos/move", "move_repo"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
         ("PUT", API_REPO + r"/settings", "repo_settings"),
         ("POST", API_REPO + r"/preupload/(?P<rev>[^/]+)", "preupload"),
@@ -499,7 +579,8 @@ ROUTES: list[tuple[str, re.Pattern, str]] = [
         ("POST", API_REPO + r"/branch/(?P<branch>[^/]+)", "create_branch"),
         ("DELETE", API_REPO + r"/branch/(?P<branch>[^/]+)", "delete_branch"),
         ("GET", API_REPO + r"/commits/(?P<rev>[^/]+)", "list_commits"),
-        ("GET", API_REPO, "repo_info_default"),
+        ("GET", API_REPO, "repo_info"),
+        ("GET", API_REPO + r"/revision/(?P<rev>[^/]+)", "repo_info"),
         ("GET", API_REPO + r"/(?:xet-write-token|xet-read-token)/.*", "xet_unsupported"),
         ("POST", GIT_REPO + r"/batch", "lfs_batch"),
         ("POST", GIT_REPO + r"/verify", "lfs_verify"),
@@ -509,8 +590,11 @@ ROUTES: list[tuple[str, re.Pattern, str]] = [
 ]
 
 # read routes whose upstream (olah) errors we refine into the Hub's real error codes
-RESOLVE_RE = re.compile(rf"/(?:(?P<type>datasets|spaces)/)?(?P<ns>{NAME_RE})/(?P<name>{NAME_RE})"
-                        r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)\Z")
+RESOLVE_RE = re.compile(
+    rf"/(?:(?P<type>datasets|spaces)/)?(?P<ns>{NAME_RE})/(?P<name>{NAME_RE})"
+    r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)\Z"
+)
+PROXIED_POST_RE = re.compile(API_REPO + r"/paths-info/[^/]+\Z")  # olah's only POST read route
 REVISION_RE = re.compile(API_REPO + r"/(?:revision|tree|paths-info)/(?P<rev>[^/]+)(?:/(?P<path>.*))?\Z")
 
 
@@ -523,7 +607,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args: Any) -> None:
         if not self.server.quiet:
-            sys.stderr.write("[hubserver] %s - %s\n" % (self.address_string(), fmt % args))
+            sys.stderr.write(f"[hubserver] {self.address_string()} - {fmt % args}\n")
 
     @property
     def store(self) -> Store:
@@ -568,8 +652,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _has_unread_body(self) -> bool:
         if getattr(self, "_body_consumed", False):
             return False
-        return bool(int(self.headers.get("Content-Length") or 0)) or \
-            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        return (
+            bool(int(self.headers.get("Content-Length") or 0))
+            or "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        )
 
     def end_headers(self) -> None:
         self._headers_sent = True
@@ -585,7 +671,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             return json.loads(raw)
         except ValueError:
-            raise HubError(400, "Request body is not valid JSON")
+            raise HubError(400, "Request body is not valid JSON") from None
 
     def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()
@@ -594,6 +680,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -629,7 +717,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     getattr(self, "h_" + handler)(**params)
                     break
             else:
-                self.proxy()
+                if self.command in ("GET", "HEAD") or PROXIED_POST_RE.match(path):
+                    self.proxy()
+                else:
+                    raise HubError(501, f"{self.command} {path} is not implemented by this test Hub")
         except HubError as err:
             if self._has_unread_body():
                 self.close_connection = True  # we answer before reading the body: do not reuse the socket
@@ -639,13 +730,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_error_json(err)
         except (TimeoutError, ConnectionError, BrokenPipeError):
             self.close_connection = True
-        except Exception as exc:  # pragma: no cover - reported to the client for debugging
+        except Exception as exc:  # a bug here: log it, and tell the client if still possible
             self.close_connection = True
-            self.log_message("internal error: %r", exc)
-            try:
-                self.send_error_json(HubError(500, f"hubserver internal error: {exc!r}"))
-            except Exception:
-                pass
+            sys.stderr.write(
+                f"[hubserver] internal error on {self.command} {self.path}\n{traceback.format_exc()}"
+            )
+            if not self._headers_sent:
+                with contextlib.suppress(Exception):
+                    self.send_error_json(HubError(500, f"hubserver internal error: {exc!r}"))
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
 
@@ -662,23 +754,41 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def h_whoami(self) -> None:
         self.require_auth()
         user = self.store.user
-        self.send_json(200, {
-            "type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user,
-            "fullname": f"{user} (hubserver test user)", "email": f"{user}@users.noreply.hubserver.invalid",
-            "emailVerified": True, "canPay": False, "isPro": False, "periodEnd": None, "avatarUrl": "",
-            "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {
-                "displayName": "hubserver-test-token", "role": "write",
-                "createdAt": "2024-01-01T00:00:00.000Z"}},
-        })
+        self.send_json(
+            200,
+            {
+                "type": "user",
+                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
+                "name": user,
+                "fullname": f"{user} (hubserver test user)",
+                "email": f"{user}@users.noreply.hubserver.invalid",
+                "emailVerified": True,
+                "canPay": False,
+                "isPro": False,
+                "periodEnd": None,
+                "avatarUrl": "",
+                "orgs": [],
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {
+                        "displayName": "hubserver-test-token",
+                        "role": "write",
+                        "createdAt": "2024-01-01T00:00:00.000Z",
+                    },
+                },
+            },
+        )
 
     def h_validate_yaml(self) -> None:
         self.read_body()
         self.send_json(200, {"errors": [], "warnings": []})
 
     def h_xet_unsupported(self, **_: str) -> None:
-        raise HubError(501, "This test Hub does not support Xet storage: set HF_HUB_DISABLE_XET=1 so that "
-                            "huggingface_hub uses the LFS protocol.")
+        raise HubError(
+            501,
+            "This test Hub does not support Xet storage: set HF_HUB_DISABLE_XET=1 so that "
+            "huggingface_hub uses the LFS protocol.",
+        )
 
     def h_repo_settings(self, type: str, ns: str, name: str) -> None:
         self.require_auth()
@@ -694,10 +804,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HubError(400, f"Unsupported repo type {rtype!r}")
         name = payload.get("name")
         ns = payload.get("organization") or self.store.user
-        for part in (ns, name):
-            if not isinstance(part, str) or not re.fullmatch(NAME_RE, part) or part.endswith(".git"):
-                raise HubError(400, f"Invalid repo name: {ns}/{name}")
-        return REPO_TYPES[rtype], ns, name
+        if not all(
+            isinstance(part, str) and re.fullmatch(NAME_RE, part) and not part.endswith(".git")
+            for part in (ns, name)
+        ):
+            raise HubError(400, f"Invalid repo name: {ns}/{name}")
+        return REPO_TYPES[rtype], str(ns), str(name)
 
     def _repo_url(self, type_dir: str, ns: str, name: str) -> str:
         return f"{self.base_url}/{URL_PREFIX[type_dir]}{ns}/{name}"
@@ -709,15 +821,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
         url = self._repo_url(type_dir, ns, name)
         if not self.store.create_repo(type_dir, ns, name):
             kind = {"models": "model", "datasets": "dataset", "spaces": "space"}[type_dir]
-            return self.send_error_json(HubError(409, f"You already created this {kind} repo"),
-                                        extra={"url": url})
-        self.send_json(200, {"url": url, "name": f"{ns}/{name}", "id": hashlib.sha1(url.encode()).hexdigest()[:24]})
+            return self.send_error_json(
+                HubError(409, f"You already created this {kind} repo"), extra={"url": url}
+            )
+        self.send_json(
+            200, {"url": url, "name": f"{ns}/{name}", "id": hashlib.sha1(url.encode()).hexdigest()[:24]}
+        )
 
     def h_delete_repo(self) -> None:
         self.require_auth()
         type_dir, ns, name = self._repo_target(self.read_json())
         self.store.delete_repo(type_dir, ns, name)
         self.send_json(200, {})
+
+    def h_move_repo(self) -> None:
+        self.require_auth()
+        payload = self.read_json()
+        rtype = payload.get("type") or "model"
+        if rtype not in REPO_TYPES:
+            raise HubError(400, f"Unsupported repo type {rtype!r}")
+        ids = []
+        for key in ("fromRepo", "toRepo"):
+            parts = str(payload.get(key, "")).split("/")
+            if len(parts) != 2 or not all(re.fullmatch(NAME_RE, p) for p in parts):
+                raise HubError(400, f"Invalid {key}: {payload.get(key)!r}")
+            ids.append((parts[0], parts[1]))
+        self.store.move_repo(REPO_TYPES[rtype], ids[0], ids[1])
+        self.send_json(200, {"url": self._repo_url(REPO_TYPES[rtype], *ids[1])})
 
     # ---- preupload ---------------------------------------------------------------------
 
@@ -740,14 +870,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             path = validate_repo_path(f.get("path"))
             size = int(f.get("size", 0))
             sample = base64.b64decode(f.get("sample", "") or "")
-            lfs = size >= LFS_SIZE_THRESHOLD or b"\0" in sample or any(path_matches(p, path) for p in patterns)
+            lfs = (
+                size >= LFS_SIZE_THRESHOLD or b"\0" in sample or any(path_matches(p, path) for p in patterns)
+            )
             entry = entries.get(path)
-            files.append({
-                "path": path,
-                "uploadMode": "lfs" if lfs else "regular",
-                "shouldIgnore": bool(gitignore) and is_ignored(gitignore, path),
-                "oid": self.store.remote_oid(repo, entry) if entry else None,
-            })
+            files.append(
+                {
+                    "path": path,
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": bool(gitignore) and is_ignored(gitignore, path),
+                    "oid": self.store.remote_oid(repo, entry) if entry else None,
+                }
+            )
         self.send_json(200, {"files": files, "commitOid": head})
 
     # ---- LFS batch API -----------------------------------------------------------------
@@ -776,8 +910,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for obj in payload.get("objects", []):
             oid, size = str(obj.get("oid", "")), obj.get("size")
             if not OID_RE.match(oid) or not isinstance(size, int) or size < 0:
-                objects.append({"oid": oid, "size": size if isinstance(size, int) else 0,
-                                "error": {"code": 422, "message": "Invalid oid or size"}})
+                objects.append(
+                    {
+                        "oid": oid,
+                        "size": size if isinstance(size, int) else 0,
+                        "error": {"code": 422, "message": "Invalid oid or size"},
+                    }
+                )
                 continue
             present = self.store.lfs_has(repo, oid, size)
             item: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
@@ -795,10 +934,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if present:
                     item["actions"] = {"download": {"href": f"{base}/{oid}", "expires_in": 3600}}
                 else:
-                    item = {"oid": oid, "size": size, "error": {"code": 404, "message": "Object does not exist"}}
+                    item = {
+                        "oid": oid,
+                        "size": size,
+                        "error": {"code": 404, "message": "Object does not exist"},
+                    }
             objects.append(item)
-        self.send_json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                       {"Content-Type": "application/vnd.git-lfs+json"})
+        self.send_json(
+            200,
+            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+            {"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def h_lfs_put(self, ns: str, name: str, oid: str, size: str, type: str | None = None) -> None:
         # Like a presigned S3 URL: authorised by the signature in the href, not by a token.
@@ -817,8 +963,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     total += len(chunk)
                     f.write(chunk)
             if total != int(size) or digest.hexdigest() != oid:
-                raise HubError(400, f"Uploaded content does not match: got sha256={digest.hexdigest()} "
-                                    f"size={total}, expected sha256={oid} size={size}")
+                raise HubError(
+                    400,
+                    f"Uploaded content does not match: got sha256={digest.hexdigest()} "
+                    f"size={total}, expected sha256={oid} size={size}",
+                )
             final = self.store.lfs_object_path(repo, oid)
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(tmp, final)
@@ -838,7 +987,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         _, repo = self._git_repo_dir(type, ns, name)
         self.store.bump("lfs_verifies")
         oid, size = str(payload.get("oid", "")), payload.get("size")
-        if not OID_RE.match(oid) or not self.store.lfs_has(repo, oid, size if isinstance(size, int) else None):
+        if not OID_RE.match(oid) or not self.store.lfs_has(
+            repo, oid, size if isinstance(size, int) else None
+        ):
             raise HubError(404, f"LFS object {oid} not found (or wrong size)")
         self.send_json(200, {"oid": oid, "size": size})
 
@@ -868,10 +1019,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         header: dict | None = None
         ops: list[tuple[str, dict]] = []
         ctype = self.headers.get("Content-Type", "")
-        if "json" in ctype and "ndjson" not in ctype:  # legacy JSON body {summary, files, lfsFiles, deletedFiles}
+        # legacy JSON body {summary, files, lfsFiles, deletedFiles}; today's client sends NDJSON
+        if "json" in ctype and "ndjson" not in ctype:
             body = json.loads(raw or b"{}")
-            header = {"summary": body.get("summary", ""), "description": body.get("description", ""),
-                      "parentCommit": body.get("parentCommit")}
+            header = {
+                "summary": body.get("summary", ""),
+                "description": body.get("description", ""),
+                "parentCommit": body.get("parentCommit"),
+            }
             ops += [("file", f) for f in body.get("files", [])]
             ops += [("lfsFile", f) for f in body.get("lfsFiles", [])]
             ops += [("deletedFile", f) for f in body.get("deletedFiles", [])]
@@ -883,7 +1038,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     item = json.loads(line)
                     key, value = item["key"], item["value"]
                 except (ValueError, KeyError, TypeError):
-                    raise HubError(400, f"Malformed NDJSON line {n + 1}")
+                    raise HubError(400, f"Malformed NDJSON line {n + 1}") from None
                 if key == "header":
                     header = value
                 else:
@@ -891,13 +1046,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if header is None:
             raise HubError(400, "Commit payload has no header line")
         summary = (header.get("summary") or "").strip() or "Upload files"
-        new = self.store.commit(repo, rev, ops, summary, header.get("description") or "",
-                                header.get("parentCommit"))
-        self.send_json(200, {
-            "success": True, "commitOid": new, "commitMessage": summary,
-            "commitUrl": f"{self._repo_url(type, ns, name)}/commit/{new}",
-            "hookOutput": "", "pullRequestUrl": None,
-        })
+        new = self.store.commit(
+            repo, rev, ops, summary, header.get("description") or "", header.get("parentCommit")
+        )
+        self.send_json(
+            200,
+            {
+                "success": True,
+                "commitOid": new,
+                "commitMessage": summary,
+                "commitUrl": f"{self._repo_url(type, ns, name)}/commit/{new}",
+                "hookOutput": "",
+                "pullRequestUrl": None,
+            },
+        )
 
     # ---- refs --------------------------------------------------------------------------
 
@@ -964,7 +1126,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def h_list_commits(self, type: str, ns: str, name: str, rev: str) -> None:
         repo = self.store.existing_repo(type, ns, name)
         commit = self.store.resolve(repo, rev)
-        out = git(repo, "log", "-z", "--format=%H%x1f%an%x1f%aI%x1f%B", commit).stdout.decode(errors="replace")
+        out = git(repo, "log", "-z", "--format=%H%x1f%an%x1f%aI%x1f%B", commit).stdout.decode(
+            errors="replace"
+        )
         items = []
         for rec in out.split("\0"):
             if not rec.strip():
@@ -973,18 +1137,50 @@ class Handler(http.server.BaseHTTPRequestHandler):
             title, _, message = body.strip().partition("\n")
             message = message.strip()
             when = _dt.datetime.fromisoformat(date).astimezone(_dt.timezone.utc)
-            items.append({
-                "id": sha, "title": title, "message": message,
-                "authors": [{"user": author, "avatar": None}],
-                "date": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
-                "formatted": {"title": title, "message": message},
-            })
+            items.append(
+                {
+                    "id": sha,
+                    "title": title,
+                    "message": message,
+                    "authors": [{"user": author, "avatar": None}],
+                    "date": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                    "formatted": {"title": title, "message": message},
+                }
+            )
         self.send_json(200, items)
 
-    def h_repo_info_default(self, type: str, ns: str, name: str) -> None:
-        # olah only answers repo info for an explicit revision: map the bare URL to the default branch.
+    def h_repo_info(self, type: str, ns: str, name: str, rev: str = "main") -> None:
+        """Repo info is olah's; two gaps are filled here:
+        * ``GET /api/{type}/{ns}/{name}`` (no revision) is served as the ``main`` revision;
+        * with ``blobs=true`` (``files_metadata=True``) siblings get size / blobId / lfs from git."""
         query = urllib.parse.urlsplit(self.path).query
-        self.proxy(f"/api/{type}/{ns}/{name}/revision/main" + (f"?{query}" if query else ""))
+        target = f"/api/{type}/{ns}/{name}/revision/{urllib.parse.quote(rev, safe='')}"
+        target += f"?{query}" if query else ""
+        if self.query.get("blobs", [""])[0].lower() not in ("1", "true"):
+            return self.proxy(target)
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=120)
+        try:
+            conn.request("GET", target, headers={"Accept": "application/json"})
+            resp = conn.getresponse()
+            status, body = resp.status, resp.read()
+        finally:
+            conn.close()
+        if status != 200:
+            return self.proxy(target)  # replays the (refined) error
+        info = json.loads(body)
+        repo = self.store.existing_repo(type, ns, name)
+        entries = self.store.tree_entries(repo, info["sha"])
+        for sibling in info.get("siblings", []):
+            entry = entries.get(sibling.get("rfilename"))
+            if entry is None:
+                continue
+            _, blob, size = entry
+            sibling.update(blobId=blob, size=size)
+            oid = self.store.remote_oid(repo, entry)
+            if oid != blob:  # LFS pointer
+                real = os.path.getsize(self.store.lfs_object_path(repo, oid))
+                sibling.update(size=real, lfs={"sha256": oid, "size": real, "pointerSize": size})
+        self.send_json(200, info)
 
     # ---- reverse proxy to olah ---------------------------------------------------------
 
@@ -992,7 +1188,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.store.bump("proxied_requests")
         path = path or self.path
         body = self.read_body()
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "host"}
+        headers = {
+            k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "host"
+        }
         headers["Host"] = self.headers.get("Host", f"127.0.0.1:{self.server.server_address[1]}")
         if body or self.command in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(len(body))
@@ -1059,8 +1257,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             resp.read()
             self.send_error_json(err)
             return True
-        if RESOLVE_RE.match(path) and file_path:
-            if git(repo, "cat-file", "-e", f"{commit}:{file_path}", check=False).returncode != 0:
+        if file_path.strip("/"):
+            if git(repo, "cat-file", "-e", f"{commit}:{file_path.strip('/')}", check=False).returncode != 0:
                 resp.read()
                 self.send_error_json(HubError(404, "Entry not found", "EntryNotFound"))
                 return True
@@ -1072,7 +1270,9 @@ class HubServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, addr: tuple[str, int], store: Store, upstream_port: int, token: str | None, quiet: bool):
+    def __init__(
+        self, addr: tuple[str, int], store: Store, upstream_port: int, token: str | None, quiet: bool
+    ):
         super().__init__(addr, Handler)
         self.store = store
         self.upstream_port = upstream_port
@@ -1094,12 +1294,19 @@ class HubServer(http.server.ThreadingHTTPServer):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", required=True, help="folder holding {models,datasets,spaces}/<ns>/<name> git repos")
+    ap.add_argument(
+        "--root", required=True, help="folder holding {models,datasets,spaces}/<ns>/<name> git repos"
+    )
     ap.add_argument("--port", type=int, default=0, help="port to listen on (0: pick a free one)")
     ap.add_argument("--upstream-port", type=int, required=True, help="port of olah on 127.0.0.1")
-    ap.add_argument("--token", default=os.environ.get("HUBSERVER_TOKEN"),
-                    help="bearer token required for write calls (default: $HUBSERVER_TOKEN; none = no auth)")
-    ap.add_argument("--user", default="hubtest", help="user name returned by whoami and used as default namespace")
+    ap.add_argument(
+        "--token",
+        default=os.environ.get("HUBSERVER_TOKEN"),
+        help="bearer token required for write calls (default: $HUBSERVER_TOKEN; none = no auth)",
+    )
+    ap.add_argument(
+        "--user", default="hubtest", help="user name returned by whoami and used as default namespace"
+    )
     ap.add_argument("--port-file", help="write the bound port to this file once listening")
     ap.add_argument("--quiet", action="store_true", help="do not log each request")
     args = ap.parse_args(argv)
@@ -1115,8 +1322,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "w") as f:
             f.write(str(port))
         os.replace(tmp, args.port_file)
-    print(f"hubserver listening on http://127.0.0.1:{port} (upstream olah on 127.0.0.1:{args.upstream_port})",
-          file=sys.stderr, flush=True)
+    print(
+        f"hubserver listening on http://127.0.0.1:{port} (upstream olah on 127.0.0.1:{args.upstream_port})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
