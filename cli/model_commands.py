@@ -63,10 +63,15 @@ def init(
 
 
 def _bank_size(store: Any, h: str) -> int:
+    """Bytes of a bank on disk (a folder bank counts the files it names)."""
+    from scaler_wizard.errors import ScalerError
+
     try:
-        return int(store.object_path(h).stat().st_size)
-    except OSError:
+        size = int(store.object_path(h).stat().st_size)
+        members = store.tree_members(h)
+    except (OSError, ScalerError):
         return 0
+    return size + sum(_bank_size(store, m) for m in members.values())
 
 
 def _human(n: float) -> str:
