@@ -11,28 +11,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# Imported eagerly: a lazy ``compose`` would be shadowed by the submodule of the same name
+# as soon as anything imported ``scaler_wizard.compose``.
+from scaler_wizard.compose import compose, init_model, new_branch, new_trunk_layer, save_version
 from scaler_wizard.hookspecs import HOOKSPEC_VERSION, hookimpl, hookspec
 from scaler_wizard.version import __version__
 
 if TYPE_CHECKING:
     from scaler_wizard.banks import ContentStore
-    from scaler_wizard.compose import compose, init_model, new_branch, new_trunk_layer, save_version
     from scaler_wizard.plugin_manager import get_plugin_manager, get_registry
 
 _LAZY = {
     "ContentStore": "scaler_wizard.banks",
-    "compose": "scaler_wizard.compose",
-    "init_model": "scaler_wizard.compose",
-    "new_branch": "scaler_wizard.compose",
-    "new_trunk_layer": "scaler_wizard.compose",
-    "save_version": "scaler_wizard.compose",
     "get_plugin_manager": "scaler_wizard.plugin_manager",
     "get_registry": "scaler_wizard.plugin_manager",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `scaler --help` and plugin imports do not pay for torch.
     if name in _LAZY:
         import importlib
 

@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["SCALER_PLUGINS"] = ""  # no third-party entry points in the core suite
 
-import torch  # noqa: E402
+import torch
 
-from scaler_wizard.banks import ContentStore  # noqa: E402
+from scaler_wizard.banks import ContentStore
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
