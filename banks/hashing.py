@@ -19,7 +19,7 @@ class BankHash(str):
     __slots__ = ()
 
     def __new__(cls, value: str) -> BankHash:
-        if not isinstance(value, str) or not _HASH_RE.match(value):
+        if not isinstance(value, str) or not _HASH_RE.fullmatch(value):
             raise StoreError(f"not a bank name (want sha256:<64 lowercase hex>): {value!r:.80}")
         return super().__new__(cls, value)
 
@@ -37,7 +37,7 @@ class BankHash(str):
 
 
 def is_bank_hash(value: object) -> bool:
-    return isinstance(value, str) and bool(_HASH_RE.match(value))
+    return isinstance(value, str) and bool(_HASH_RE.fullmatch(value))
 
 
 def sha256_file(path: str | Path) -> BankHash:

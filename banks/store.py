@@ -57,7 +57,7 @@ def default_store_path() -> Path:
 
 
 def validate_name(name: str, *, what: str = "model") -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith(".lock"):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith(".lock"):
         raise StoreError(
             f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit, at most 100 characters)"

@@ -172,6 +172,18 @@ def _moe_layer(factory: Any, cfg: Any, spec: dict[str, Any], *, hidden_size: int
     return MoELayer(hidden_size, n, spec["expert_hidden"], gate)
 
 
+def _bank_format(build: Callable[[], Any]) -> str:
+    """A strategy's bank format, asked of an adapter built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            probe = build()
+    except ScalerError:
+        raise
+    except Exception:  # a plugin that cannot build on meta
+        probe = build()
+    return str(getattr(probe, "bank_format", "safetensors"))
+
+
 def _bank_tensors(store: ContentStore, h: str, *, kind: str, where: str) -> dict[str, torch.Tensor]:
     path = store.verified_path(h)
     meta = read_bank_metadata(path, name=h)
@@ -279,9 +291,8 @@ def compose(
         make_adapter = functools.partial(
             _call_factory, s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden
         )
-        probe = make_adapter()
-        if getattr(probe, "bank_format", "safetensors") == "folder":
-            adapter = probe
+        if _bank_format(make_adapter) == "folder":
+            adapter = make_adapter()
             _import_folder_bank(
                 store, base, adapter, bname, entry["adapter_bank"], where=f"{where}.adapter_bank"
             )

@@ -50,21 +50,28 @@ def _known_versions(store: ContentStore, name: str) -> list[tuple[BankHash, dict
     return [(BankHash(h), m) for h, m in seen.items()]
 
 
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 20
+
+
 def find_version(store: ContentStore, name: str, version: str) -> BankHash:
     """``3``, ``v3``, a hash or a unique hash prefix -> manifest hash of that version of ``name``."""
     versions = _known_versions(store, name)
     text = version.strip()
-    if text.lower().startswith("v") and text[1:].isdigit():
+    numbered = text.lower().startswith("v") and _is_number(text[1:])
+    if numbered:
         text = text[1:]
-    if text.isdigit():
+    matches: list[BankHash] = []
+    if _is_number(text):
         matches = [h for h, m in versions if m.get("version") == int(text)]
-    else:
+    if not matches and not numbered:
+        # A hash prefix; `scaler history` shows 12 hex digits, which may all be decimal digits.
         prefix = text if text.startswith("sha256:") else "sha256:" + text
         matches = [h for h, _ in versions if h.startswith(prefix)] if len(prefix) >= 11 else []
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        have = sorted({int(m.get("version", 0)) for _, m in versions})
+        have = sorted({m["version"] for _, m in versions if isinstance(m.get("version"), int)})
         raise ScalerError(f"model {name!r} has no version {version!r} (have: {', '.join(map(str, have))})")
     raise ScalerError(f"version {version!r} of {name!r} is ambiguous: {', '.join(h.short for h in matches)}")
 
