@@ -429,7 +429,7 @@ def save_version(
     origin = model.origin
     if origin is None:
         raise ScalerError("this model was not composed from a store: nothing to version it against")
-    target = validate_name(name or origin.name)
+    target = validate_name(origin.name if name is None else name)
     with store.lock():
         current = store.get_ref(target)
         if target == origin.name:

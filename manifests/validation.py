@@ -92,6 +92,8 @@ def describe(error: ValidationError) -> str:
 def _pattern_name(pattern: str) -> str:
     if "sha256" in pattern:
         return "bank hash (sha256:<64 hex>)"
+    if pattern.startswith("^[0-9]{4}-"):
+        return "timestamp (RFC 3339, e.g. 2026-01-31T12:00:00Z)"
     if "A-Za-z0-9" in pattern:
         return "name (letters, digits, '.', '_', '-')"
     return f"value (pattern {pattern})"
