@@ -160,6 +160,8 @@ def add(
     epoch_task: list[TaskID] = []
 
     def progress_factory(desc: str, total: int) -> Callable[[int], None]:
+        # Started on first use, so an error in the early checks prints one line and no empty bar.
+        progress.start()
         task = progress.add_task(desc, total=total)
         return lambda n: progress.advance(task, n)
 
@@ -173,6 +175,7 @@ def add(
             err.print("trunk features: from cache", markup=False)
         elif event == "epoch":
             if not epoch_task:
+                progress.start()
                 epoch_task.append(progress.add_task("training (epochs)", total=epochs or None))
             progress.update(
                 epoch_task[0],
@@ -180,7 +183,7 @@ def add(
                 description=f"training: epoch {info['epoch']} loss {info['train_loss']:.3f} eval acc {info['eval_accuracy']:.3f}",
             )
 
-    with progress:
+    try:
         result = add_branch(
             store,
             model,
@@ -194,6 +197,9 @@ def add(
             report=report,
             progress_factory=progress_factory,
         )
+    finally:
+        if progress.live.is_started:  # stop() on a never-started bar still prints a blank line
+            progress.stop()
     summary = {
         "model": model,
         "branch": branch,

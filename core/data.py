@@ -55,7 +55,7 @@ def _read_frame(path: Path, fmt: str) -> Any:
                 encoding_errors="strict",
             )
         if fmt == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")  # tolerate a BOM
         return pd.read_parquet(path)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.atomic import atomic_writer
-from scaler_wizard.banks.safetensors_bank import encode_bank, load_bank_tensors
+from scaler_wizard.banks.safetensors_bank import encode_bank, load_bank_tensors, read_bank_metadata
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.model import ScalerModel
 
@@ -62,15 +62,26 @@ def cached_pooled(
     if path.is_file():
         with contextlib.suppress(ScalerError, KeyError):
             feats = load_bank_tensors(path)["pooled"]
-            if feats.shape == (len(texts), model.trunk_hidden_size()):
+            recorded = read_bank_metadata(path).get("scaler.sha256")
+            # The file is named by its inputs, not its bytes: check the tensor against the
+            # checksum it was written with, so a damaged cache is recomputed, never trusted.
+            if feats.shape == (len(texts), model.trunk_hidden_size()) and recorded == _checksum(feats):
                 if progress:
                     progress(len(texts))
                 return feats, True
     feats = compute_pooled(model, texts, batch_size=batch_size, progress=progress)
-    bank = encode_bank({"pooled": feats}, kind="feature-cache", metadata={"trunk": trunk, "rows": len(texts)})
+    bank = encode_bank(
+        {"pooled": feats},
+        kind="feature-cache",
+        metadata={"trunk": trunk, "rows": len(texts), "sha256": _checksum(feats)},
+    )
     with contextlib.suppress(OSError), atomic_writer(path) as fh:  # a cache: failing to write is not fatal
         fh.write(bank.data)
     return feats, False
+
+
+def _checksum(feats: Tensor) -> str:
+    return str(BankHash.of_bytes(feats.contiguous().numpy().tobytes()))
 
 
 def cache_dir(store: ContentStore) -> Path:
