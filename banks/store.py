@@ -74,7 +74,7 @@ class ContentStore:
     """A local folder of banks, manifests and refs."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # symlinked views (base, folder banks) need absolute targets
         self._verified: dict[str, list[int]] | None = None
 
     # -- opening -----------------------------------------------------------------

@@ -10,7 +10,15 @@ from typing import Annotated
 
 import typer
 
-from scaler_wizard.cli import branch_commands, eval_command, model_commands, plugin_commands, predict_command
+from scaler_wizard.cli import (
+    branch_commands,
+    eval_command,
+    hub_commands,
+    model_commands,
+    plugin_commands,
+    predict_command,
+    train_command,
+)
 from scaler_wizard.cli.state import STATE, err
 from scaler_wizard.version import __version__
 
@@ -63,6 +71,8 @@ model_commands.register(app)
 predict_command.register(app)
 eval_command.register(app)
 plugin_commands.register(app)
+hub_commands.register(app)
+train_command.register(app)
 app.add_typer(branch_commands.branch_app, name="branch")
 
 _plugins_added = False

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
-.venv/bin/ruff format --check core plugins banks manifests cli bench examples
+.venv/bin/ruff format --check core plugins banks manifests cli bench examples tests
 .venv/bin/mypy
 set +e
 .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -102,8 +102,16 @@ def scaler_env(store_path: Path) -> dict[str, str]:
     return env
 
 
-def run_scaler(*args: str, env: dict[str, str], input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_scaler(
+    *args: str, env: dict[str, str], input: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``scaler`` console script."""
     return subprocess.run(
-        [str(SCALER), *args], env=env, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        [str(SCALER), *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )

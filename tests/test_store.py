@@ -444,3 +444,12 @@ def test_temp_files_are_never_taken_for_objects_refs_or_manifests(store: Content
     assert not any(p.exists() for p in leftovers)
     assert [e["new"] for e in store.reflog("demo")][-1] == store.resolve("demo")
     assert os.listdir(store.root / "refs" / "models") == ["demo"]
+
+
+def test_relative_store_path_composes(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store given as a relative path (``--store s1``, ``SCALER_HOME=s1``) works from its folder."""
+    monkeypatch.chdir(store_path.parent)
+    rel = ContentStore.open(store_path.name)
+    assert rel.root.is_absolute()
+    model = compose(rel, "demo")
+    assert model.predict(["hello"], ["spam"])["spam"][0].label in ("ham", "spam")

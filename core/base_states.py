@@ -1,0 +1,150 @@
+"""The frozen base's token states, computed once and cached on disk for ``scaler train``.
+
+The trunk works on tokens, so the cache keeps every example's last hidden states, variable
+length, as one flat ``(total_tokens, d)`` tensor plus ``offsets`` (N + 1): example ``i`` is
+``states[offsets[i]:offsets[i + 1]]``. The key is the base bank, its tokenizer files, the
+max length, the dtype and the texts, so any change to those is a new cache file, never a
+stale one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from scaler_wizard.banks import BankHash, ContentStore
+from scaler_wizard.banks.atomic import atomic_writer
+from scaler_wizard.banks.safetensors_bank import encode_bank, load_bank_tensors
+from scaler_wizard.base_encoder import BaseEncoder
+from scaler_wizard.errors import ScalerError
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class TokenStates:
+    """Per-example base states: ``flat`` (total_tokens, d) and ``offsets`` (N + 1,)."""
+
+    flat: Tensor
+    offsets: Tensor
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    def example(self, i: int) -> Tensor:
+        return self.flat[int(self.offsets[i]) : int(self.offsets[i + 1])]  # (T_i, d)
+
+    def batch(self, indices: Sequence[int], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Padded (B, T, d) states and (B, T) bool mask."""
+        parts = [self.example(i).to(dtype) for i in indices]
+        states = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
+        lengths = torch.tensor([p.shape[0] for p in parts])
+        mask = torch.arange(states.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        return states, mask
+
+
+def states_key(base_entry: dict[str, Any], texts: Sequence[str], *, max_length: int, dtype: str) -> str:
+    payload = {
+        "base": base_entry["bank"],
+        "files": base_entry.get("files", {}),
+        "max_length": max_length,
+        "dtype": dtype,
+        "texts": list(texts),
+    }
+    return BankHash.of_bytes(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hex
+
+
+@torch.inference_mode()
+def compute_states(
+    base: BaseEncoder,
+    texts: Sequence[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> TokenStates:
+    """Run the base over ``texts`` (batched by length, so little time goes on padding)."""
+    lengths = [
+        len(ids)
+        for ids in base.tokenizer(list(texts), truncation=True, max_length=base.max_length)["input_ids"]
+    ]
+    offsets = torch.zeros(len(texts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    flat = torch.empty(int(offsets[-1]), base.hidden_size, dtype=dtype)
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = base.tokenize([texts[i] for i in idx], device)
+        hidden = base(batch["input_ids"], batch["attention_mask"]).float().cpu()  # (b, T, d)
+        for row, i in enumerate(idx):
+            n = lengths[i]
+            if int(batch["attention_mask"][row].sum()) != n:
+                raise ScalerError("tokenizer lengths differ between calls: cannot cache base states")
+            flat[int(offsets[i]) : int(offsets[i]) + n] = hidden[row, :n].to(dtype)
+        if progress:
+            progress(len(idx))
+    return TokenStates(flat, offsets)
+
+
+def cache_dir(store: ContentStore) -> Path:
+    return store.root / "cache" / "base-states"
+
+
+def cached_states(
+    store: ContentStore,
+    base: BaseEncoder,
+    base_entry: dict[str, Any],
+    texts: Sequence[str],
+    *,
+    float16: bool = False,
+    write: bool = True,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[TokenStates, bool]:
+    """(states, came_from_cache). Fresh states are written and then read back from the file,
+    so a run that computed them and one that found them train on exactly the same numbers.
+    A damaged cache file is recomputed, never trusted."""
+    dtype_name = "float16" if float16 else "float32"
+    key = states_key(base_entry, texts, max_length=base.max_length, dtype=dtype_name)
+    path = cache_dir(store) / f"{key}.safetensors"
+    found = _read(path, len(texts), base.hidden_size)
+    if found is not None:
+        if progress:
+            progress(len(texts))
+        return found, True
+    dtype = torch.float16 if float16 else torch.float32
+    states = compute_states(base, texts, dtype=dtype, device=device, progress=progress)
+    if not write:
+        return states, False
+    bank = encode_bank(
+        {"states": states.flat, "offsets": states.offsets},
+        kind="base-states",
+        metadata={"base": base_entry["bank"], "rows": len(texts), "max_length": base.max_length},
+    )
+    with contextlib.suppress(OSError), atomic_writer(path) as fh:  # a cache: failing to write is not fatal
+        fh.write(bank.data)
+    return _read(path, len(texts), base.hidden_size) or states, False
+
+
+def _read(path: Path, rows: int, hidden: int) -> TokenStates | None:
+    if not path.is_file():
+        return None
+    with contextlib.suppress(ScalerError, KeyError):
+        tensors = load_bank_tensors(path)
+        flat, offsets = tensors["states"], tensors["offsets"]
+        if (
+            offsets.shape == (rows + 1,)
+            and flat.dim() == 2
+            and flat.shape[1] == hidden
+            and int(offsets[-1]) == flat.shape[0]
+        ):
+            return TokenStates(flat, offsets)
+    return None
