@@ -74,9 +74,54 @@ def show_branch(
     out.print(f"  head      {entry['head']['plugin']} {entry['head']['config']}")
     out.print(f"  labels    {', '.join(entry['labels'])}")
     out.print(f"  banks     adapter {entry['adapter_bank']}\n            head    {entry['head_bank']}")
-    for key in ("metrics", "provenance"):
-        if entry.get(key):
-            out.print(f"  {key:<9} {entry[key]}", markup=False)
+    _print_metrics(entry.get("metrics") or {}, entry.get("provenance") or {})
+    stale = (entry.get("provenance") or {}).get("stale")
+    if stale:
+        out.print(f"  [yellow]stale[/yellow]     trained on another trunk ({stale})", markup=True)
+    fp = entry.get("fingerprint")
+    if fp:
+        out.print(
+            f"  fingerprint {fp.get('sha256', '')} on probe set {fp.get('probe_set', '')}", markup=False
+        )
+
+
+def _print_metrics(metrics: dict[str, Any], prov: dict[str, Any]) -> None:
+    """Held-out metrics and provenance for people (``--json`` has everything)."""
+    from rich.table import Table
+
+    if "accuracy" in metrics:
+        split = (prov.get("eval") or {}).get("split") or (prov.get("eval") or {}).get("file", "")
+        out.print(
+            f"  eval      accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics.get('macro_f1', 0):.4f} "
+            f"on {metrics.get('eval_rows', '?')} held-out rows ({split})",
+            markup=False,
+        )
+    data, train = prov.get("data") or {}, prov.get("training") or {}
+    if data:
+        out.print(
+            f"  data      {data.get('file')} {data.get('sha256', '')[:19]}… {data.get('rows')} rows",
+            markup=False,
+        )
+    if train:
+        out.print(
+            f"  trained   {train.get('steps')} steps, {train.get('epochs_run', '?')} epochs (best {train.get('best_epoch', '?')}), "
+            f"seed {train.get('seed')}, {train.get('seconds', '?')} s",
+            markup=False,
+        )
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        table = Table(box=None, pad_edge=False, padding=(0, 1))
+        for col in ("  class", "precision", "recall", "f1", "support"):
+            table.add_column(col, justify="left" if col == "  class" else "right")
+        for label, m in per_class.items():
+            table.add_row(
+                f"  {label}",
+                f"{m['precision']:.3f}",
+                f"{m['recall']:.3f}",
+                f"{m['f1']:.3f}",
+                str(m["support"]),
+            )
+        out.print(table)
 
 
 @branch_app.command("remove")

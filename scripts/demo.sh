@@ -23,6 +23,6 @@ step predict demo --all-branches \
   "Are you coming to the pub tonight?" \
   "What is the tallest mountain in Africa?" \
   "Who invented the telephone?"
-step eval demo --branch trec --data data/samples/trec_small.csv
+step branch show demo trec   # held-out metrics, provenance, fingerprint
 step verify demo --deep
 step history demo
