@@ -12,7 +12,8 @@ from typing import BinaryIO
 TMP_PREFIX = ".tmp-"
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -36,7 +37,7 @@ def atomic_writer(target: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

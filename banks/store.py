@@ -158,9 +158,9 @@ class ContentStore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(staging, 0o444)
                 os.replace(staging, path)
-                from scaler_wizard.banks.atomic import fsync_dir
+                from scaler_wizard.banks.atomic import fsync_path
 
-                fsync_dir(path.parent)
+                fsync_path(path.parent)
                 self._remember_verified(h, path)
             return h
         finally:

@@ -21,7 +21,7 @@ from scaler_wizard.banks.store import validate_name
 from scaler_wizard.branch import Branch
 from scaler_wizard.branch_training import BranchTrainingConfig, TrainingResult, config_dict, fit, train_branch
 from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
-from scaler_wizard.data import LabelledData, load_labelled, stratified_split
+from scaler_wizard.data import LabelledData, load_train_eval
 from scaler_wizard.errors import DataError, ScalerError
 from scaler_wizard.features import cached_pooled
 from scaler_wizard.fingerprint import fingerprint_of, probe_logits
@@ -135,19 +135,14 @@ def add_branch(
             f"model {model_name!r} already has a branch {branch_name!r} "
             f"(remove it first with `scaler branch remove {model_name} {branch_name}`, or pick another name)"
         )
-    full = load_labelled(data.path, text_column=data.text_column, label_column=data.label_column)
-    if data.eval_path is not None:
-        train_data = full
-        eval_data = load_labelled(
-            data.eval_path, text_column=data.text_column, label_column=data.label_column, min_classes=1
-        )
-    else:
-        train_data, eval_data = stratified_split(full, data.eval_split, seed=training.seed)
-    if len(eval_data) == 0:
-        raise DataError(
-            f"{data.path}: too few rows to hold out an evaluation set (every class has one row); "
-            "add rows or pass --eval-data"
-        )
+    full, train_data, eval_data = load_train_eval(
+        data.path,
+        text_column=data.text_column,
+        label_column=data.label_column,
+        eval_path=data.eval_path,
+        eval_split=data.eval_split,
+        seed=training.seed,
+    )
     labels = full.label_names()
     train_y = _targets(train_data, labels, str(data.path))
     eval_y = _targets(eval_data, labels, str(data.eval_path or data.path))

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from scaler_wizard.banks.atomic import atomic_write_bytes, fsync_dir
+from scaler_wizard.banks.atomic import atomic_write_bytes, fsync_path
 from scaler_wizard.errors import ScalerError
 
 FORMAT = "scaler-wizard/train-checkpoint"
@@ -114,14 +114,6 @@ def restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
 
 
 # -- files -------------------------------------------------------------------------------
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -157,12 +149,12 @@ def save_checkpoint(
         }
         (tmp / "state.json").write_text(json.dumps(doc), encoding="utf-8")
         for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
-            _fsync_file(tmp / name)
-        fsync_dir(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         if final.exists():  # the same step written again (a resumed run re-reaching it)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        fsync_dir(folder)
+        fsync_path(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -172,3 +172,27 @@ def stratified_split(data: LabelledData, fraction: float, *, seed: int) -> tuple
     return take(train_idx, f"train ({1 - fraction:.0%})"), take(
         eval_idx, f"eval ({fraction:.0%}, seed {seed})"
     )
+
+
+def load_train_eval(
+    path: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    eval_path: str | Path | None = None,
+    eval_split: float = 0.1,
+    seed: int = 0,
+) -> tuple[LabelledData, LabelledData, LabelledData]:
+    """(full, train, eval): the eval rows from their own file, or a stratified split of ``path``."""
+    full = load_labelled(path, text_column=text_column, label_column=label_column)
+    if eval_path is not None:
+        train = full
+        held = load_labelled(eval_path, text_column=text_column, label_column=label_column, min_classes=1)
+    else:
+        train, held = stratified_split(full, eval_split, seed=seed)
+    if len(held) == 0:
+        raise DataError(
+            f"{path}: too few rows to hold out an evaluation set (every class has one row); "
+            "add rows or pass --eval-data"
+        )
+    return full, train, held

@@ -44,7 +44,7 @@ from scaler_wizard.branch import Branch, TrunkOutput
 from scaler_wizard.branch_training import _lr_lambda
 from scaler_wizard.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
-from scaler_wizard.data import LabelledData, load_labelled, stratified_split
+from scaler_wizard.data import LabelledData, load_train_eval
 from scaler_wizard.errors import DataError, ScalerError
 from scaler_wizard.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.metrics import classification_metrics
@@ -225,18 +225,14 @@ def _targets(data: LabelledData, labels: list[str], where: str) -> Tensor:
 
 
 def load_branch_data(spec: BranchSpec, labels: list[str] | None, config: TrainConfig) -> BranchData:
-    full = load_labelled(spec.data, text_column=spec.text_column, label_column=spec.label_column)
-    if spec.eval_data is not None:
-        train = full
-        evald = load_labelled(
-            spec.eval_data, text_column=spec.text_column, label_column=spec.label_column, min_classes=1
-        )
-    else:
-        train, evald = stratified_split(full, config.eval_split, seed=config.seed)
-    if len(evald) == 0:
-        raise DataError(
-            f"{spec.data}: too few rows to hold out an evaluation set (branch {spec.name}); add rows or give eval_data"
-        )
+    full, train, evald = load_train_eval(
+        spec.data,
+        text_column=spec.text_column,
+        label_column=spec.label_column,
+        eval_path=spec.eval_data,
+        eval_split=config.eval_split,
+        seed=config.seed,
+    )
     if len(evald) > config.eval_max_rows:
         keep = sorted(random.Random(config.seed).sample(range(len(evald)), config.eval_max_rows))
         evald = LabelledData(
