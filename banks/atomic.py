@@ -22,11 +22,12 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(target: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(target: Path, *, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a file handle; on clean exit the file appears at ``target`` whole, or not at all.
 
     A crash (even SIGKILL) at any point leaves either the old file or the new one, plus at
-    worst a ``.tmp-*`` file that ``ContentStore.clean_temp`` removes.
+    worst a ``.tmp-*`` file that ``ContentStore.clean_temp`` removes. ``durable=False`` skips
+    the fsyncs (still atomic against a killed process, not against power loss): for caches.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -35,17 +36,21 @@ def atomic_writer(target: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
-        fsync_path(target.parent)
+        if durable:
+            fsync_path(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
 
 
-def atomic_write_bytes(target: Path, data: bytes | memoryview, *, mode: int = 0o644) -> None:
-    with atomic_writer(target, mode=mode) as fh:
+def atomic_write_bytes(
+    target: Path, data: bytes | memoryview, *, mode: int = 0o644, durable: bool = True
+) -> None:
+    with atomic_writer(target, mode=mode, durable=durable) as fh:
         fh.write(data)
 
 

@@ -285,9 +285,13 @@ class ContentStore:
             st = path.stat()
             key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         cache = self._verified_cache()
+        if cache.get(h.hex) == key:
+            return
         cache[h.hex] = key
-        with contextlib.suppress(OSError):  # the cache is an optimisation only
-            atomic_write_bytes(self._cache_file(), json.dumps(cache).encode())
+        # An optimisation only: losing it to a crash costs a re-hash, so no fsync (which made
+        # verifying many small banks cost one fsync pair each).
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(self._cache_file(), json.dumps(cache).encode(), durable=False)
 
     def forget_verified(self) -> None:
         """Drop the verification cache (``scaler verify`` re-hashes everything anyway)."""
