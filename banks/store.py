@@ -76,6 +76,8 @@ class ContentStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()  # symlinked views (base, folder banks) need absolute targets
         self._verified: dict[str, list[int]] | None = None
+        self._verified_dirty = False
+        self._defer_cache_writes = 0
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -288,10 +290,32 @@ class ContentStore:
         if cache.get(h.hex) == key:
             return
         cache[h.hex] = key
+        self._verified_dirty = True
+        if not self._defer_cache_writes:
+            self.flush_verified()
+
+    @contextlib.contextmanager
+    def deferred_cache_writes(self) -> Iterator[None]:
+        """Write the verification cache once, at the end, however many banks are checked or put.
+
+        Without it every new entry rewrites the whole JSON file: O(N^2) bytes over N banks.
+        """
+        self._defer_cache_writes += 1
+        try:
+            yield
+        finally:
+            self._defer_cache_writes -= 1
+            if not self._defer_cache_writes:
+                self.flush_verified()
+
+    def flush_verified(self) -> None:
+        if not self._verified_dirty:
+            return
+        self._verified_dirty = False
         # An optimisation only: losing it to a crash costs a re-hash, so no fsync (which made
         # verifying many small banks cost one fsync pair each).
         with contextlib.suppress(OSError):
-            atomic_write_bytes(self._cache_file(), json.dumps(cache).encode(), durable=False)
+            atomic_write_bytes(self._cache_file(), json.dumps(self._verified_cache()).encode(), durable=False)
 
     def forget_verified(self) -> None:
         """Drop the verification cache (``scaler verify`` re-hashes everything anyway)."""

@@ -430,7 +430,7 @@ def save_version(
     if origin is None:
         raise ScalerError("this model was not composed from a store: nothing to version it against")
     target = validate_name(origin.name if name is None else name)
-    with store.lock():
+    with store.lock(), store.deferred_cache_writes():
         current = store.get_ref(target)
         if target == origin.name:
             if current != origin.manifest_hash:

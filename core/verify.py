@@ -40,6 +40,11 @@ def banks_of(manifest: dict[str, Any]) -> list[tuple[str, str, str | None]]:
 
 def verify_version(store: ContentStore, h: str, *, trust_cache: bool = False) -> list[Check]:
     """One Check per manifest and bank; never raises for a bad bank, only reports it."""
+    with store.deferred_cache_writes():  # one cache write for the whole model, not one per bank
+        return _verify_version(store, h, trust_cache=trust_cache)
+
+
+def _verify_version(store: ContentStore, h: str, *, trust_cache: bool) -> list[Check]:
     bh = BankHash(h)
     checks: list[Check] = []
     try:
