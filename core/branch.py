@@ -106,4 +106,8 @@ class Branch(nn.Module):
 
     @torch.inference_mode()
     def predict(self, trunk: TrunkOutput) -> list[Prediction]:
-        return self.head.decode(self.head.probabilities(self(trunk)), self.labels)
+        return self.decode(self(trunk))
+
+    def decode(self, logits: Tensor) -> list[Prediction]:
+        """This branch's logits (B, L) -> one Prediction per row."""
+        return self.head.decode(self.head.probabilities(logits), self.labels)

@@ -19,7 +19,15 @@ import torch
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import validate_name
 from scaler_wizard.branch import Branch
-from scaler_wizard.branch_training import BranchTrainingConfig, TrainingResult, config_dict, fit, train_branch
+from scaler_wizard.branch_training import (
+    EPOCHS_CACHED,
+    EPOCHS_IN_ENCODER,
+    BranchTrainingConfig,
+    TrainingResult,
+    config_dict,
+    fit,
+    train_branch,
+)
 from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.data import LabelledData, load_train_eval
 from scaler_wizard.errors import DataError, ScalerError
@@ -169,14 +177,16 @@ def add_branch(
     t0 = time.perf_counter()
     if branch.adapter.needs_base_pass:
         # The adapter lives inside the encoder: no cache is possible, train end to end.
-        training = replace(training, epochs=training.epochs or 3, patience=min(training.patience, 2))
+        training = replace(
+            training, epochs=training.epochs or EPOCHS_IN_ENCODER, patience=min(training.patience, 2)
+        )
         model.add_branch(branch_name, branch)
         feature_seconds, cached = 0.0, False
         result = _train_in_encoder(
             model, branch_name, branch, train_data, train_y, eval_data, eval_y, training, log_dir, note
         )
     else:
-        training = replace(training, epochs=training.epochs or 40)
+        training = replace(training, epochs=training.epochs or EPOCHS_CACHED)
         texts = train_data.texts + eval_data.texts
         progress = progress_factory("trunk features", len(texts)) if progress_factory else None
         feats, cached = cached_pooled(store, model, tid, texts, progress=progress)

@@ -16,6 +16,10 @@ from torch import Tensor
 from scaler_wizard.branch import Branch, TrunkOutput
 from scaler_wizard.metrics import classification_metrics
 
+#: Default epochs when none are given: cheap on cached features, costly for in-encoder adapters.
+EPOCHS_CACHED = 40
+EPOCHS_IN_ENCODER = 3
+
 
 @dataclass
 class BranchTrainingConfig:
@@ -128,7 +132,7 @@ def fit(
     all_params = adapter_params + head_params
     n = n_train
     per_epoch = math.ceil(n / config.batch_size)
-    total = per_epoch * (config.epochs or 40) if config.max_steps is None else config.max_steps
+    total = per_epoch * (config.epochs or EPOCHS_CACHED) if config.max_steps is None else config.max_steps
     warmup = min(config.warmup_steps, max(1, total // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
     writer = _tensorboard(log_dir)

@@ -141,22 +141,34 @@ def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, bank: st
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
+def _meta_probe(build: Callable[[], Any]) -> Any:
+    """The module built on the meta device (no memory), or None for a plugin that cannot."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except ScalerError:
+        raise
+    except Exception:
+        return None
+
+
 def _build_from_bank(
-    build: Callable[[], Any], tensors: dict[str, torch.Tensor], *, bank: str, where: str
+    build: Callable[[], Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    bank: str,
+    where: str,
+    probe: Any = None,
 ) -> Any:
     """Build a module and load a bank into it, refusing a bank that does not fit before allocating.
 
-    The module is first built on the meta device (no memory), so a manifest that declares
-    absurd sizes (``expert_hidden: 10**12``) is a one-line error, not an out-of-memory crash.
+    The module is first built on the meta device (no memory; ``probe`` if the caller already
+    has one), so a manifest that declares absurd sizes (``expert_hidden: 10**12``) is a
+    one-line error, not an out-of-memory crash.
     """
-    try:
-        with torch.device("meta"):
-            probe = build()
-    except ScalerError:
-        raise
-    except Exception:  # a plugin that cannot build on meta: check after building for real
-        probe = None
-    if probe is not None:
+    if probe is None:
+        probe = _meta_probe(build)
+    if probe is not None:  # else a plugin that cannot build on meta: checked after building for real
         _check_fit(probe.state_dict(), tensors, bank=bank, where=where)
     try:
         module = build()
@@ -170,18 +182,6 @@ def _moe_layer(factory: Any, cfg: Any, spec: dict[str, Any], *, hidden_size: int
     n = spec["num_experts"]
     gate = _call_factory(factory, cfg, f"{where}.gating", hidden_size=hidden_size, num_experts=n)
     return MoELayer(hidden_size, n, spec["expert_hidden"], gate)
-
-
-def _bank_format(build: Callable[[], Any]) -> str:
-    """A strategy's bank format, asked of an adapter built on the meta device (no memory)."""
-    try:
-        with torch.device("meta"):
-            probe = build()
-    except ScalerError:
-        raise
-    except Exception:  # a plugin that cannot build on meta
-        probe = build()
-    return str(getattr(probe, "bank_format", "safetensors"))
 
 
 def _bank_tensors(store: ContentStore, h: str, *, kind: str, where: str) -> dict[str, torch.Tensor]:
@@ -256,11 +256,19 @@ def compose(
     # Fail early and cheaply: every plugin present, every config valid, every bank the trunk
     # needs on disk. A branch's banks are checked when it is first used, so a model whose
     # unused branch lost a bank (a partial pull, a pruned store) still serves the others.
-    for i, layer in enumerate(manifest["trunk"]["layers"]):
+    # The (factory, config) pairs resolved here are the ones used below: each config is
+    # validated once.
+    gatings = [
         _resolve_ref(registry, "gating", layer["gating"], f"trunk.layers[{i}].gating")
-    for bname, entry in manifest["branches"].items():
-        _resolve_ref(registry, "strategy", entry["strategy"], f"branches.{bname}.strategy")
-        _resolve_ref(registry, "head", entry["head"], f"branches.{bname}.head")
+        for i, layer in enumerate(manifest["trunk"]["layers"])
+    ]
+    plugins = {
+        bname: (
+            _resolve_ref(registry, "strategy", entry["strategy"], f"branches.{bname}.strategy"),
+            _resolve_ref(registry, "head", entry["head"], f"branches.{bname}.head"),
+        )
+        for bname, entry in manifest["branches"].items()
+    }
     for field, bank, _kind in banks_of(manifest):
         if not field.startswith("branches.") and not store.has(bank):
             raise BankNotFoundError(f"{field}: bank {bank} is missing from the store {store.root}")
@@ -270,7 +278,7 @@ def compose(
     layers = []
     for i, spec_layer in enumerate(manifest["trunk"]["layers"]):
         where = f"trunk.layers[{i}]"
-        factory, cfg = _resolve_ref(registry, "gating", spec_layer["gating"], f"{where}.gating")
+        factory, cfg = gatings[i]
         tensors = _bank_tensors(store, spec_layer["bank"], kind="trunk-layer", where=where)
         build = functools.partial(_moe_layer, factory, cfg, spec_layer, hidden_size=hidden, where=where)
         layer = _build_from_bank(build, tensors, bank=spec_layer["bank"], where=where)
@@ -281,8 +289,7 @@ def compose(
     def load_branch(bname: str) -> Branch:
         entry = manifest["branches"][bname]
         where = f"branches.{bname}"
-        s_factory, s_cfg = _resolve_ref(registry, "strategy", entry["strategy"], f"{where}.strategy")
-        h_factory, h_cfg = _resolve_ref(registry, "head", entry["head"], f"{where}.head")
+        (s_factory, s_cfg), (h_factory, h_cfg) = plugins[bname]
         for key in ("adapter_bank", "head_bank"):
             if not store.has(entry[key]):
                 raise BankNotFoundError(
@@ -291,7 +298,8 @@ def compose(
         make_adapter = functools.partial(
             _call_factory, s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden
         )
-        if _bank_format(make_adapter) == "folder":
+        probe = _meta_probe(make_adapter)
+        if getattr(probe if probe is not None else make_adapter(), "bank_format", "safetensors") == "folder":
             adapter = make_adapter()
             _import_folder_bank(
                 store, base, adapter, bname, entry["adapter_bank"], where=f"{where}.adapter_bank"
@@ -302,6 +310,7 @@ def compose(
                 _bank_tensors(store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"),
                 bank=entry["adapter_bank"],
                 where=f"{where}.adapter_bank",
+                probe=probe,
             )
         head = _build_from_bank(
             lambda: _call_factory(

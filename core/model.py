@@ -196,7 +196,7 @@ class ScalerModel(nn.Module):
                 batch = self.base.tokenize(list(texts[start : start + batch_size]), self.device)
                 logits, _ = self._run(names, modules, batch)
                 for n, m in zip(names, modules, strict=True):
-                    out[n].extend(m.head.decode(m.head.probabilities(logits[n]), m.labels))
+                    out[n].extend(m.decode(logits[n]))
         finally:
             self.train(was_training)
         return out
