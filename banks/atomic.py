@@ -12,6 +12,16 @@ from typing import BinaryIO
 TMP_PREFIX = ".tmp-"
 
 
+def temp_owner_pid(name: str) -> int | None:
+    """The id of the process that made a temp file or folder (``.tmp-<what>-<pid>-<token>``)."""
+    if not name.startswith(TMP_PREFIX):
+        return None
+    parts = name.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isascii() or not parts[1].isdigit() or len(parts[1]) > 9:
+        return None
+    return int(parts[1])
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's fsync makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -31,7 +41,7 @@ def atomic_writer(target: Path, *, mode: int = 0o644, durable: bool = True) -> I
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh

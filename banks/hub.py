@@ -45,7 +45,8 @@ from scaler_wizard.errors import (
     did_you_mean,
 )
 from scaler_wizard.manifests import validate_manifest
-from scaler_wizard.manifests.history import history, resolve_version
+from scaler_wizard.manifests.history import history, next_version, resolve_version
+from scaler_wizard.manifests.validation import parse_manifest_bytes
 from scaler_wizard.version import __version__
 
 if TYPE_CHECKING:
@@ -470,10 +471,7 @@ def _staging_dir(store: ContentStore) -> Path:
 
 
 def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise ManifestError(f"{where} is not JSON: {exc}") from exc
+    obj = parse_manifest_bytes(raw, where)  # size, depth and integer limits first
     manifest = validate_manifest(obj, where=where)
     if canonical_json(manifest) != raw:
         raise ManifestError(f"{where} is not in canonical form, so its hash would not be its name")
@@ -488,6 +486,13 @@ def _trunk_id(manifest: dict[str, Any]) -> str:
     from scaler_wizard.compose import trunk_id
 
     return trunk_id(manifest)
+
+
+def _trunk_ids(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The trunk's id under every scheme a branch may have recorded (docs/manifests.md)."""
+    from scaler_wizard.bank_checks import trunk_ids
+
+    return trunk_ids(manifest)
 
 
 @dataclass
@@ -621,7 +626,7 @@ def _plan(
         added: dict[str, Any] = {}
         for b in wanted or sorted(remote_branches):
             entry = {**remote_branches[b], "trunk": remote_branches[b].get("trunk", remote_tid)}
-            if entry["trunk"] != local_tid:
+            if entry["trunk"] not in _trunk_ids(local):  # scheme 2, or 1 for branches recorded before
                 raise ConflictError(
                     f"branch {b!r} of {label} was trained on trunk {BankHash(entry['trunk']).short}, but "
                     f"{into!r} has trunk {BankHash(local_tid).short}: its outputs would be wrong there; "
@@ -640,7 +645,7 @@ def _plan(
             return _Plan(local, into, local_h)
         target = {
             **local,
-            "version": int(local["version"]) + 1,
+            "version": next_version(store, into, int(local["version"])),  # unique after a rollback
             "parent": str(local_h),
             "created": _now(),
             "message": f"pull {', '.join(sorted(added))} from {label} ({remote['name']} v{remote['version']})",

@@ -37,33 +37,111 @@ def _metric(metrics: dict[str, Any], key: str) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "–"
 
 
-def model_card(manifest: dict[str, Any], h: str, *, repo_id: str, tag: str) -> str:
-    """README.md for a published version: Hub card metadata plus a table of the branches."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+SELF_DISTRIBUTION = "scaler-wizard"
+#: licences of the bases in KNOWN_BASES (from their own model cards)
+KNOWN_BASE_LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0"}
 
-    name, version = manifest["name"], manifest["version"]
-    branches: dict[str, Any] = manifest["branches"]
-    base = base_model_id(manifest)
-    eval_results = []
+
+def required_plugins(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Third-party plugins the version needs: kind, plugin, distribution, version, users, install.
+
+    ``install`` is a ``pip install`` line only for a valid PEP 508 name and PEP 440 version (the
+    manifest may come from anyone); otherwise None.
+    """
+    refs: list[tuple[str, str, dict[str, Any]]] = []
+    for i, layer in enumerate(manifest["trunk"]["layers"]):
+        refs.append(("gating", f"trunk layer {i}", layer["gating"]))
+    for bname, entry in sorted(manifest["branches"].items()):
+        refs.append(("strategy", f"branch {bname}", entry["strategy"]))
+        refs.append(("head", f"branch {bname}", entry["head"]))
+    found: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for kind, user, ref in refs:
+        provider = ref.get("provider") or {}
+        dist, version = str(provider.get("distribution", "")), str(provider.get("version", ""))
+        if dist in (SELF_DISTRIBUTION, "unknown"):
+            continue
+        key = (kind, str(ref["plugin"]), dist, version)
+        item = found.setdefault(
+            key,
+            {
+                "kind": kind,
+                "plugin": str(ref["plugin"]),
+                "distribution": dist,
+                "version": version,
+                "used_by": [],
+                "install": _install_line(dist, version),
+            },
+        )
+        if user not in item["used_by"]:
+            item["used_by"].append(user)
+    return list(found.values())
+
+
+def _install_line(distribution: str, version: str) -> str | None:
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        req = Requirement(distribution)
+        Version(version)
+    except (InvalidRequirement, InvalidVersion):
+        return None
+    if str(req) != distribution or req.name != distribution or len(distribution) > 200:
+        return None
+    if not version.isascii() or version != version.strip() or len(version) > 100:
+        return None
+    return f'pip install "{distribution}>={version}"'
+
+
+def _eval_results(branches: dict[str, Any]) -> list[Any]:
+    """One model-index result per branch and metric. The Hub groups results by task type,
+    dataset, config, split and revision (not by task name), so the branch is the dataset
+    *config*: two branches trained on one file stay two results."""
+    from huggingface_hub import EvalResult
+
+    results = []
     for bname, entry in sorted(branches.items()):
         metrics = entry.get("metrics") or {}
-        data = (entry.get("provenance") or {}).get("data") or {}
+        provenance = entry.get("provenance") or {}
+        data = provenance.get("data") or {}
         dataset = str(data.get("file") or bname)
+        split = str((provenance.get("eval") or {}).get("split") or "held-out")
         for key, metric_type in (("accuracy", "accuracy"), ("macro_f1", "f1")):
             value = metrics.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
-                eval_results.append(
+                results.append(
                     EvalResult(
                         task_type="text-classification",
                         task_name=f"branch {bname}",
                         dataset_type=dataset,
                         dataset_name=f"{dataset} (held-out split)",
+                        dataset_config=bname,
+                        dataset_split=split,
                         metric_type=metric_type,
                         metric_name="macro F1" if key == "macro_f1" else "accuracy",
                         metric_value=float(value),
                     )
                 )
+    return results
+
+
+def model_card(
+    manifest: dict[str, Any], h: str, *, repo_id: str, tag: str, license: str | None = None
+) -> str:
+    """README.md for a published version: Hub card metadata plus a table of the branches.
+
+    ``license``: the licence id of the published weights (Hub card ``license``), when the
+    publisher states one.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    name, version = manifest["name"], manifest["version"]
+    branches: dict[str, Any] = manifest["branches"]
+    base = base_model_id(manifest)
+    eval_results = _eval_results(branches)
+    plugins = required_plugins(manifest)
     data = ModelCardData(
+        license=license,
         library_name=LIBRARY_NAME,
         base_model=base,
         pipeline_tag="text-classification",
@@ -75,6 +153,7 @@ def model_card(manifest: dict[str, Any], h: str, *, repo_id: str, tag: str) -> s
             "version": version,
             "manifest": str(h),
             "tag": tag,
+            "plugins": [{k: p[k] for k in ("kind", "plugin", "distribution", "version")} for p in plugins],
             "branches": {
                 b: {
                     "labels": list(e["labels"]),
@@ -114,6 +193,10 @@ def model_card(manifest: dict[str, Any], h: str, *, repo_id: str, tag: str) -> s
         )
     table = "\n".join(rows) if branches else "_No branches yet._"
     first = next(iter(sorted(branches)), "BRANCH")
+    install = "pip install scaler-wizard" + "".join(
+        f"\n{p['install']}" for p in plugins if p["install"] is not None
+    )
+    sections = _plugins_section(plugins) + _use_and_limits(manifest, base, license)
     body = f"""
 # {name} v{version}
 
@@ -126,10 +209,11 @@ branch{"es" if len(branches) != 1 else ""}, each a small adapter and head on the
 
 {table}
 
+{sections}
 ## Use
 
 ```bash
-pip install scaler-wizard
+{install}
 scaler pull {repo_id}@{tag}                       # verifies every bank's sha256
 scaler predict {name} -b {first} "some text"
 scaler pull {repo_id}@{tag} --branches {first} --as {name}-{first}   # just one branch (+ trunk)
@@ -152,4 +236,65 @@ Every file under `banks/` and `manifests/` is named by the sha256 of its bytes; 
     return content
 
 
-__all__ = ["KNOWN_BASES", "base_model_id", "model_card"]
+def _plugins_section(plugins: list[dict[str, Any]]) -> str:
+    if not plugins:
+        return (
+            "## Plugins\n\nEvery plugin this version uses ships with scaler-wizard: "
+            "nothing else to install.\n"
+        )
+    rows = [
+        "## Plugins\n",
+        "This version uses plugins from other packages; `scaler` refuses to load it without them.\n",
+        "| kind | plugin | package | used by | install |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in plugins:
+        install = (
+            f"`{p['install']}`" if p["install"] else "_not a valid package name: check before installing_"
+        )
+        rows.append(
+            f"| {p['kind']} | `{_cell(p['plugin'])}` | `{_cell(p['distribution'])}` {_cell(p['version'])} "
+            f"| {_cell(', '.join(p['used_by']))} | {install} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _use_and_limits(manifest: dict[str, Any], base: str | None, license: str | None) -> str:
+    base_name = f"`{base}`" if base else f"the `{manifest['base']['architecture']}` base"
+    base_license = KNOWN_BASE_LICENSES.get(base or "")
+    files = sorted(
+        {
+            str(((e.get("provenance") or {}).get("data") or {}).get("file"))
+            for e in manifest["branches"].values()
+            if ((e.get("provenance") or {}).get("data") or {}).get("file")
+        }
+    )
+    data_line = (
+        f"the branches' training files ({', '.join(f'`{_cell(f)}`' for f in files)}) keep their authors' licences"
+        if files
+        else "the branches' training data keep their authors' licences"
+    )
+    return f"""
+## Intended use
+
+Text classification with the branches above, on short texts like each branch's training data:
+name a branch (`scaler predict -b BRANCH`) and read its label and scores. Each branch answers
+only with its own labels. Not for decisions about people without human review.
+
+## Limitations
+
+* Accuracy and macro F1 are measured on a held-out split of each branch's own training file,
+  not on an independent benchmark: expect lower scores on other data.
+* Inputs longer than {manifest["base"]["max_length"]} tokens are truncated. The base encoder is
+  frozen: its language coverage and its biases carry over to every branch.
+* A branch only knows the labels it was trained with; there is no "none of these" answer.
+
+## License
+
+* Weights of this repository: {f"`{license}`" if license else "no licence stated by the publisher; ask before reusing them"}.
+* Base encoder {base_name}: {f"`{base_license}`" if base_license else "see its own model card"}.
+* Data: {data_line}.
+"""
+
+
+__all__ = ["KNOWN_BASES", "base_model_id", "model_card", "required_plugins"]

@@ -57,7 +57,9 @@ def read_bank_metadata(path: str | Path, *, name: str | None = None) -> dict[str
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
-        raise IntegrityError(f"bank {name or path} is not a readable safetensors file: {exc}") from exc
+        raise IntegrityError(
+            f"bank {name or path} is not a readable safetensors file: {_first_line(exc)}"
+        ) from exc
 
 
 def load_bank_tensors(
@@ -71,4 +73,12 @@ def load_bank_tensors(
                 out[key] = fh.get_tensor(key)
         return out
     except (SafetensorError, OSError, ValueError) as exc:
-        raise IntegrityError(f"bank {name or path} is not a readable safetensors file: {exc}") from exc
+        raise IntegrityError(
+            f"bank {name or path} is not a readable safetensors file: {_first_line(exc)}"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """safetensors' messages may span lines (a quoted header): errors are one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -19,16 +19,14 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from scaler_wizard.banks.atomic import TMP_PREFIX, atomic_write_bytes, atomic_writer
+from scaler_wizard.banks.atomic import TMP_PREFIX, atomic_write_bytes, atomic_writer, temp_owner_pid
 from scaler_wizard.banks.hashing import BankHash, sha256_file
+from scaler_wizard.banks.refs import RefStore, pid_alive, read_plain_file
 from scaler_wizard.errors import (
     BankNotFoundError,
-    ConflictError,
     IntegrityError,
     ManifestError,
-    ModelNotFoundError,
     StoreError,
-    did_you_mean,
 )
 
 STORE_FORMAT = "scaler-wizard-store"
@@ -62,7 +60,22 @@ def validate_name(name: str, *, what: str = "model") -> str:
             f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit, at most 100 characters)"
         )
+    # -- portable names (engineer D, issue 10 item 9) --
+    if _RESERVED_NAME_RE.fullmatch(name):
+        raise StoreError(
+            f"invalid {what} name {name!r}: Windows reserves it for a device, so it cannot be a file"
+        )
+    if name.endswith("."):
+        raise StoreError(f"invalid {what} name {name!r}: a name may not end in '.' (Windows drops it)")
+    if what == "branch" and "." in name:
+        raise StoreError(
+            f"invalid branch name {name!r}: use letters, digits, '_' or '-' ('.' cannot name a module)"
+        )
+    # -- end portable names --
     return name
+
+
+_RESERVED_NAME_RE = re.compile(r"(?i:con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -70,7 +83,7 @@ def canonical_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-class ContentStore:
+class ContentStore(RefStore):
     """A local folder of banks, manifests and refs."""
 
     def __init__(self, root: str | Path) -> None:
@@ -82,14 +95,24 @@ class ContentStore:
     # -- opening -----------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path | None = None, *, create: bool = False) -> ContentStore:
+        if isinstance(root, str) and not root.strip():
+            raise StoreError("the store path is empty: give a folder (--store PATH or SCALER_HOME)")
         store = cls(root if root is not None else default_store_path())
+        for folder in (store.root, *store.root.parents):
+            if os.path.lexists(folder):
+                if folder == store.root and not folder.is_dir():
+                    raise StoreError(f"{store.root} is a file, not a store folder")
+                if not folder.is_dir():
+                    raise StoreError(f"{store.root} cannot be a store: {folder} is a file, not a folder")
+                break
         marker = store.root / "scaler-store.json"
-        if marker.exists():
-            try:
-                info = json.loads(marker.read_text())
-            except (OSError, ValueError) as exc:
-                raise StoreError(f"{marker} is unreadable: {exc}") from exc
-            if info.get("format") != STORE_FORMAT or info.get("version") != STORE_VERSION:
+        found, info = store._read_marker(marker)
+        if found:
+            if (
+                not isinstance(info, dict)
+                or info.get("format") != STORE_FORMAT
+                or info.get("version") != STORE_VERSION
+            ):
                 raise StoreError(f"{store.root} is not a scaler-wizard store of version 1")
             return store
         if not create:
@@ -97,22 +120,47 @@ class ContentStore:
                 f"no store at {store.root} (create one with `scaler init`, "
                 "or point --store / SCALER_HOME at an existing one)"
             )
+        try:
+            for sub in ("objects", "manifests", "refs/models", "logs/refs/models", "cache"):
+                (store.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a parent of the path is a file
+            raise StoreError(f"cannot create a store at {store.root}: {exc.strerror or exc}") from None
         for sub in ("objects", "manifests", "refs/models", "logs/refs/models", "cache"):
-            (store.root / sub).mkdir(parents=True, exist_ok=True)
+            store.refuse_links(store.root / sub)
         atomic_write_bytes(marker, canonical_json({"format": STORE_FORMAT, "version": STORE_VERSION}))
         return store
+
+    def _read_marker(self, marker: Path) -> tuple[bool, Any]:
+        """(whether there is a ``scaler-store.json``, its parsed content)."""
+        try:
+            self.refuse_links(marker)
+            data = read_plain_file(marker, 1 << 16)
+        except FileNotFoundError:
+            return False, None
+        except NotADirectoryError:
+            raise StoreError(f"{self.root} is not a folder") from None
+        except OSError as exc:
+            raise StoreError(f"{marker} is unreadable: {exc.strerror or exc}") from None
+        try:
+            return True, json.loads(data)
+        except ValueError as exc:
+            raise StoreError(f"{marker} is unreadable: {exc}") from exc
 
     # -- locking -------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, timeout: float = _LOCK_TIMEOUT_S) -> Iterator[None]:
         """Serialise writers. Readers never need it: what they read is immutable or atomic."""
-        lock = FileLock(str(self.root / ".lock"))
+        path = self.root / ".lock"
+        self.refuse_links(path)
+        lock = FileLock(str(path))
         try:
             lock.acquire(timeout=timeout)
         except Timeout as exc:
             raise StoreError(
                 f"store {self.root} is locked by another writer (waited {timeout:.0f}s)"
             ) from exc
+        except OSError as exc:
+            raise StoreError(f"cannot lock the store: {path}: {exc.strerror or exc}") from None
         try:
             yield
         finally:
@@ -133,6 +181,7 @@ class ContentStore:
             raise IntegrityError(f"refusing bank {expected}: its bytes hash to {h}")
         path = self.object_path(h)
         if not self._present_and_intact(h, path):
+            self.refuse_links(path)
             atomic_write_bytes(path, data, mode=0o444)
             self._remember_verified(h, path)
         return h
@@ -157,6 +206,7 @@ class ContentStore:
                 raise IntegrityError(f"refusing {src.name}: expected {expected}, bytes hash to {h}")
             path = self.object_path(h)
             if not self._present_and_intact(h, path):
+                self.refuse_links(path)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(staging, 0o444)
                 os.replace(staging, path)
@@ -216,15 +266,43 @@ class ContentStore:
                         yield BankHash("sha256:" + sub.name + f.name)
 
     # -- trees (folder banks, e.g. a PEFT adapter folder) ------------------------------
+    #: What a folder bank may hold: JSON config and safetensors, never pickle (.bin, .pt, .pkl)
+    #: or code, which a library loading the folder might run (PEFT's .bin fallback is torch.load).
+    TREE_MEMBER_NAMES = ("adapter_config.json",)
+    TREE_MEMBER_SUFFIX = ".safetensors"
+
+    @classmethod
+    def check_tree_files(cls, names: list[str], *, what: str) -> None:
+        """Refuse a member not on the allow-list, and a path that is both a file and a folder."""
+        listed = set(names)
+        for rel in sorted(listed):
+            base = rel.rsplit("/", 1)[-1]
+            suffix = cls.TREE_MEMBER_SUFFIX
+            if base not in cls.TREE_MEMBER_NAMES and not (base.endswith(suffix) and base != suffix):
+                raise IntegrityError(
+                    f"{what}: member {rel!r:.80} is not allowed in a folder bank "
+                    f"(only {', '.join(cls.TREE_MEMBER_NAMES)} and *{suffix}: no pickle, no code)"
+                )
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                if "/".join(parts[:i]) in listed:
+                    raise IntegrityError(
+                        f"{what}: lists both {'/'.join(parts[:i])!r:.80} and {rel!r:.80}: "
+                        "a path cannot be a file and a folder"
+                    )
+
     def put_tree(self, folder: str | Path, *, kind: str, layout: str) -> BankHash:
         """Store every file of a folder, then a tree object naming them; returns the tree's name.
 
         A tree is canonical JSON ``{"format": TREE_FORMAT, "kind", "layout", "files": {path: hash}}``,
-        so a folder bank is named by the sha256 of its content like any other bank.
+        so a folder bank is named by the sha256 of its content like any other bank. Its members
+        must be on the allow-list (``check_tree_files``).
         """
         folder = Path(folder)
+        paths = sorted(p for p in folder.rglob("*") if p.is_file())
+        self.check_tree_files([p.relative_to(folder).as_posix() for p in paths], what=f"folder {folder}")
         files: dict[str, str] = {}
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for path in paths:
             rel = path.relative_to(folder).as_posix()
             files[rel] = str(self.put_file(path))
         return self.put_bytes(
@@ -251,6 +329,7 @@ class ContentStore:
             raise IntegrityError(f"tree {h} lists an invalid file name or hash")
         for v in files.values():
             BankHash(v)
+        self.check_tree_files(list(files), what=f"tree {h}")  # pull and verify read trees here
         return tree
 
     def tree_members(self, h: str) -> dict[str, BankHash]:
@@ -314,7 +393,8 @@ class ContentStore:
         self._verified_dirty = False
         # An optimisation only: losing it to a crash costs a re-hash, so no fsync (which made
         # verifying many small banks cost one fsync pair each).
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, StoreError):
+            self.refuse_links(self._cache_file())
             atomic_write_bytes(self._cache_file(), json.dumps(self._verified_cache()).encode(), durable=False)
 
     def forget_verified(self) -> None:
@@ -332,6 +412,7 @@ class ContentStore:
         h = BankHash.of_bytes(data)
         path = self.manifest_path(h)
         if not path.is_file() or BankHash.of_bytes(path.read_bytes()) != h:
+            self.refuse_links(path)
             atomic_write_bytes(path, data, mode=0o444)
         return h
 
@@ -348,10 +429,11 @@ class ContentStore:
             raise ManifestError(f"manifest {bh} is missing from the store {self.root}") from None
         if BankHash.of_bytes(data) != bh:
             raise IntegrityError(f"manifest {bh} is corrupt or tampered ({path})")
-        try:
-            obj = json.loads(data)
-        except ValueError as exc:
-            raise ManifestError(f"manifest {bh} is not JSON: {exc}") from exc
+        # -- manifest limits (engineer D, issue 10 item 8): size, depth, integer range --
+        from scaler_wizard.manifests.validation import parse_manifest_bytes
+
+        obj = parse_manifest_bytes(data, f"manifest {bh}")
+        # -- end manifest limits --
         if not isinstance(obj, dict):
             raise ManifestError(f"manifest {bh}: top level must be an object")
         return obj
@@ -369,78 +451,27 @@ class ContentStore:
         d = self.root / "refs" / "models"
         return sorted(p.name for p in d.iterdir() if not p.name.startswith(TMP_PREFIX)) if d.is_dir() else []
 
-    def get_ref(self, name: str) -> BankHash | None:
-        path = self._ref_path(name)
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        try:
-            return BankHash(text)
-        except StoreError:
-            raise StoreError(f"ref {path} is damaged (holds {text!r:.80})") from None
-
-    def resolve(self, name: str) -> BankHash:
-        """The current manifest hash of a model; a clear error listing models if absent."""
-        validate_name(name)
-        h = self.get_ref(name)
-        if h is None:
-            raise ModelNotFoundError(
-                f"no model named {name!r} in {self.root} {did_you_mean(name, self.models())}"
-            )
-        return h
-
-    def set_ref(self, name: str, new: str, *, expected: str | None, reason: str) -> None:
-        """Move a ref from ``expected`` (None = must not exist) to ``new``. Call under ``lock()``."""
-        new_h = BankHash(new)
-        if not self.has_manifest(new_h):
-            raise StoreError(f"refusing to point {name!r} at {new_h}: no such manifest")
-        current = self.get_ref(name)
-        if current != expected:
-            if expected is None:
-                raise ConflictError(f"model {name!r} already exists")
-            raise ConflictError(
-                f"model {name!r} moved to {current} while this change was made from "
-                f"{expected}; redo it on the current version"
-            )
-        entry = {"time": time.time(), "old": current, "new": new_h, "reason": reason}
-        log = self.root / "logs" / "refs" / "models" / name
-        log.parent.mkdir(parents=True, exist_ok=True)
-        # Log first: a crash between the two leaves a log line for a move that did not
-        # happen, never a move with no log line.
-        with open(log, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        atomic_write_bytes(self._ref_path(name), (new_h + "\n").encode())
-
-    def delete_ref(self, name: str, *, expected: str) -> None:
-        current = self.get_ref(name)
-        if current != expected:
-            raise ConflictError(f"model {name!r} moved while being deleted")
-        log = self.root / "logs" / "refs" / "models" / name
-        with open(log, "a", encoding="utf-8") as fh:
-            fh.write(
-                json.dumps({"time": time.time(), "old": current, "new": None, "reason": "delete"}) + "\n"
-            )
-        self._ref_path(name).unlink()
-
-    def reflog(self, name: str) -> list[dict[str, Any]]:
-        log = self.root / "logs" / "refs" / "models" / validate_name(name)
-        out = []
-        if log.is_file():
-            for line in log.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
-        return out
+    def _log_path(self, name: str) -> Path:
+        return self.root / "logs" / "refs" / "models" / validate_name(name)
 
     # -- housekeeping -------------------------------------------------------------------
-    def clean_temp(self) -> int:
-        """Remove temp files left by writers that died (call under ``lock()``)."""
+    def clean_temp(self, *, stale_only: bool = False) -> int:
+        """Remove temp files and folders left by writers that died (call under ``lock()``).
+
+        ``stale_only`` keeps those of processes still alive (readers write caches without the
+        lock) and a dead pull's downloads (the next pull adopts them).
+        """
         n = 0
-        for path in self.root.rglob(f"{TMP_PREFIX}*"):
+        me = os.getpid()
+        for path in sorted(self.root.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts)):
+            if stale_only:
+                if path.name.startswith(f"{TMP_PREFIX}pull-"):
+                    continue
+                pid = temp_owner_pid(path.name)
+                if pid is None or pid == me or pid_alive(pid):
+                    continue
             with contextlib.suppress(OSError):
-                if path.is_dir():
+                if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from scaler_wizard.cli import (
     branch_commands,
+    diff_command,
     eval_command,
     hub_commands,
     model_commands,
@@ -41,12 +41,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     store: Annotated[
-        Path | None,
+        str | None,  # the raw text: typer would turn "" into Path("."), the current folder
         typer.Option(
-            "--store", envvar="SCALER_HOME", help="Store folder (default ./scaler-store).", show_default=False
+            "--store",
+            envvar="SCALER_HOME",
+            help="Store folder (default ./scaler-store); may also follow the command.",
+            show_default=False,
         ),
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks on errors (may also follow the command).")
+    ] = False,
     strict: Annotated[
         bool,
         typer.Option(
@@ -68,6 +73,7 @@ def root(
 
 
 model_commands.register(app)
+diff_command.register(app)
 predict_command.register(app)
 eval_command.register(app)
 plugin_commands.register(app)
@@ -119,11 +125,38 @@ def _root_flag(args: list[str], flag: str) -> bool:
     return False
 
 
+#: root options that may also be written after the command (``scaler predict demo --store S``)
+_GLOBAL_FLAGS = ("--debug", "--strict")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Move ``--store PATH`` / ``--store=PATH`` / ``--debug`` / ``--strict`` from anywhere on the
+    command line to the front, where the root app reads them; nothing after ``--`` moves."""
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            rest += args[i:]
+            break
+        if word in _ROOT_OPTIONS_WITH_VALUE and i + 1 < len(args):
+            hoisted += args[i : i + 2]
+            i += 2
+            continue
+        if word in _GLOBAL_FLAGS or any(word.startswith(o + "=") for o in _ROOT_OPTIONS_WITH_VALUE):
+            hoisted.append(word)
+        else:
+            rest.append(word)
+        i += 1
+    return hoisted + rest
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from scaler_wizard.errors import ScalerError
 
-    args = sys.argv[1:] if argv is None else argv
+    args = hoist_global_options(sys.argv[1:] if argv is None else list(argv))
     debug = "--debug" in args or os.environ.get("SCALER_DEBUG") not in (None, "", "0")
     try:
         if _root_flag(args, "--strict"):

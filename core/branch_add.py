@@ -25,16 +25,18 @@ from scaler_wizard.branch_training import (
     BranchTrainingConfig,
     TrainingResult,
     config_dict,
+    early_stop_note,
     fit,
     train_branch,
 )
 from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.data import LabelledData, load_train_eval
 from scaler_wizard.errors import DataError, ScalerError
-from scaler_wizard.features import cached_pooled
+from scaler_wizard.features import cached_features, feature_kind
 from scaler_wizard.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.model import ScalerModel
 from scaler_wizard.plugin_manager import get_registry
+from scaler_wizard.preflight import preflight_branch
 from scaler_wizard.version import __version__
 
 
@@ -62,6 +64,9 @@ class DataSpec:
 
 
 Reporter = Callable[[str, dict[str, Any]], None]
+#: The CLI ``branch add``'s strategy when none is named (issue 12: attention pooling over cached
+#: token states). The library's ``add_branch`` keeps ``"lora"`` as its default argument.
+DEFAULT_STRATEGY = "attn-mlp"
 
 
 def _targets(data: LabelledData, labels: list[str], where: str) -> torch.Tensor:
@@ -70,6 +75,13 @@ def _targets(data: LabelledData, labels: list[str], where: str) -> torch.Tensor:
     if unknown:
         raise DataError(f"{where}: labels {unknown[:5]} are not in the training labels {labels}")
     return torch.tensor([index[lab] for lab in data.labels], dtype=torch.long)
+
+
+def _epochs_total(training: BranchTrainingConfig, n_train: int) -> int:
+    """Epochs the run will do at most (early stopping may end it sooner), for a progress total."""
+    if training.max_steps is None:
+        return int(training.epochs or EPOCHS_CACHED)
+    return max(1, -(-training.max_steps // max(1, -(-n_train // training.batch_size))))
 
 
 def _train_in_encoder(
@@ -152,10 +164,28 @@ def add_branch(
         seed=training.seed,
     )
     labels = full.label_names()
+    # -- preflight (engineer D, issue 10 item 9): every manifest rule, before any training --
+    preflight_branch(
+        store.get_manifest(store.resolve(model_name)),
+        branch_name,
+        strategy=strategy,
+        strategy_config=strategy_config,
+        head=head,
+        head_config=head_config,
+        labels=labels,
+    )
+    # -- end preflight --
     train_y = _targets(train_data, labels, str(data.path))
     eval_y = _targets(eval_data, labels, str(data.eval_path or data.path))
     note(
-        "data", {"train": len(train_data), "eval": len(eval_data), "labels": labels, "counts": full.counts()}
+        "data",
+        {
+            "train": len(train_data),
+            "eval": len(eval_data),
+            "labels": labels,
+            "counts": full.counts(),
+            "warnings": full.warnings + eval_data.warnings,  # printed by the CLI (item 19)
+        },
     )
 
     model = compose(store, model_name)
@@ -180,6 +210,13 @@ def add_branch(
         training = replace(
             training, epochs=training.epochs or EPOCHS_IN_ENCODER, patience=min(training.patience, 2)
         )
+        note(
+            "training",
+            {
+                "epochs": _epochs_total(training, len(train_data)),  # progress total
+                "early_stop": early_stop_note(training, len(eval_data)),  # (issue 12) "" when on
+            },
+        )
         model.add_branch(branch_name, branch)
         feature_seconds, cached = 0.0, False
         result = _train_in_encoder(
@@ -187,9 +224,18 @@ def add_branch(
         )
     else:
         training = replace(training, epochs=training.epochs or EPOCHS_CACHED)
+        note(
+            "training",
+            {
+                "epochs": _epochs_total(training, len(train_data)),  # progress total
+                "early_stop": early_stop_note(training, len(eval_data)),  # (issue 12) "" when on
+            },
+        )
         texts = train_data.texts + eval_data.texts
         progress = progress_factory("trunk features", len(texts)) if progress_factory else None
-        feats, cached = cached_pooled(store, model, tid, texts, progress=progress)
+        # (issue 12) the features the strategy declares: pooled rows, or cached token states
+        kind = feature_kind(branch.adapter)
+        feats, cached = cached_features(store, model, tid, texts, kind=kind, progress=progress)
         feature_seconds = time.perf_counter() - t0
         note("features", {"seconds": feature_seconds, "cached": cached, "rows": len(texts)})
         train_x, eval_x = feats[: len(train_data)], feats[len(train_data) :]
@@ -227,6 +273,8 @@ def add_branch(
                     "steps": result.steps,
                     "epochs_run": result.epochs_run,
                     "best_epoch": result.best_epoch,
+                    "kept": result.kept,  # (issue 12) "best" eval epoch, or "last" on a tiny eval split
+                    "class_weights": result.class_weights,
                     "seconds": round(result.seconds, 3),
                 },
                 "library": {"distribution": "scaler-wizard", "version": __version__},
@@ -236,12 +284,12 @@ def add_branch(
         }
     )
     manifest_hash = save_version(store, model, message=f"add branch {branch_name}")
-    assert model.origin is not None
+    saved = store.get_manifest(manifest_hash)  # (issue 10 #11) rebased saves keep model.origin
     return BranchAddResult(
         model=model_name,
         branch=branch_name,
         manifest=manifest_hash,
-        version=int(model.origin.manifest["version"]),
+        version=int(saved["version"]),
         labels=labels,
         metrics=result.eval_metrics,
         training=result,

@@ -8,17 +8,26 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
+from scaler_wizard.bound_cache import require_finite
 from scaler_wizard.branch import Branch, TrunkOutput
+from scaler_wizard.errors import ScalerError
+from scaler_wizard.feature_shards import Rows, rows_tensor
 from scaler_wizard.metrics import classification_metrics
+from scaler_wizard.token_features import TokenRows
 
 #: Default epochs when none are given: cheap on cached features, costly for in-encoder adapters.
 EPOCHS_CACHED = 40
 EPOCHS_IN_ENCODER = 3
+#: Fewer eval rows than this cannot tell epochs apart (one row is >2% of accuracy): no early
+#: stopping, and the last epoch's weights are kept rather than the luckiest epoch's.
+MIN_EVAL_ROWS = 50
+#: Classes are "skewed" when the largest has this many times the rows of the smallest.
+SKEW_RATIO = 3.0
 
 
 @dataclass
@@ -34,6 +43,8 @@ class BranchTrainingConfig:
     warmup_steps: int = 500  # capped at 10% of the run's steps
     grad_clip: float = 1.0
     patience: int = 8  # epochs without a better eval score before stopping
+    early_stop: bool = True  # False: run every epoch (the best eval epoch is still what is kept)
+    class_balance: bool | None = None  # None: weight the loss by class when classes are skewed
     seed: int = 0
 
 
@@ -46,6 +57,11 @@ class TrainingResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
+    #: which weights were saved: "best" (best eval epoch) or "last" (eval split too small to pick)
+    kept: str = "best"
+    #: why early stopping was off, if it was ("" when it was on)
+    early_stop_note: str = ""
+    class_weights: list[float] | None = None
 
 
 def _features(x: Tensor) -> TrunkOutput:
@@ -62,20 +78,38 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+#: Cached trunk outputs: pooled rows, or token states (strategies with ``features = "tokens"``).
+Features = Union[Rows, TokenRows]  # noqa: UP007 (a runtime alias)
+
+
+def _trunk_rows(feats: Features, lo: int, hi: int) -> TrunkOutput:
+    if isinstance(feats, TokenRows):
+        return feats.batch(torch.arange(lo, min(hi, len(feats))))
+    return _features(rows_tensor(feats, lo, hi))
+
+
+def _trunk_batch(feats: Features, idx: Tensor) -> TrunkOutput:
+    if isinstance(feats, TokenRows):
+        return feats.batch(idx)
+    return _features(feats[idx])
+
+
 @torch.no_grad()
-def predict_logits(branch: Branch, feats: Tensor, batch_size: int = 1024) -> Tensor:
+def predict_logits(branch: Branch, feats: Features, batch_size: int = 1024) -> Tensor:
     was = branch.training
     branch.eval()
-    out = torch.cat([branch(_features(feats[i : i + batch_size])) for i in range(0, len(feats), batch_size)])
+    if isinstance(feats, TokenRows):
+        batch_size = min(batch_size, 256)  # padded token states: keep each batch small
+    out = torch.cat([branch(_trunk_rows(feats, i, i + batch_size)) for i in range(0, len(feats), batch_size)])
     branch.train(was)
     return out
 
 
 def train_branch(
     branch: Branch,
-    train_x: Tensor,
+    train_x: Features,
     train_y: Tensor,
-    eval_x: Tensor,
+    eval_x: Features,
     eval_y: Tensor,
     config: BranchTrainingConfig,
     *,
@@ -93,7 +127,7 @@ def train_branch(
             n_train=len(train_x),
             train_y=train_y,
             eval_y=eval_y,
-            batch_logits=lambda idx: branch(_features(train_x[idx])),
+            batch_logits=lambda idx: branch(_trunk_batch(train_x, idx)),
             eval_logits=lambda: predict_logits(branch, eval_x),
             adapter_params=[p for p in branch.adapter.parameters() if p.requires_grad],
             config=config,
@@ -118,7 +152,10 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainingResult:
     """The loop: AdamW (adapter/head learning rates), warm-up then linear decay, grad clip,
-    early stopping on eval macro-F1; the best epoch's weights are kept.
+    early stopping on eval macro-F1 (``config.patience``; off with ``config.early_stop`` or
+    when the eval split has fewer than ``MIN_EVAL_ROWS`` rows); the best epoch's weights are
+    kept (the last epoch's on an eval split too small to pick one). Skewed classes get a
+    class-balanced loss (heads using the default cross-entropy; ``config.class_balance``).
 
     ``batch_logits(indices)`` gives training logits (with grad) for those training rows,
     ``eval_logits()`` the logits of every eval row.
@@ -143,6 +180,10 @@ def fit(
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     labels = list(branch.labels)
+    small_eval = len(eval_y) < MIN_EVAL_ROWS
+    kept = "last" if small_eval else "best"
+    stop_note = early_stop_note(config, len(eval_y))
+    loss_fn, class_weights = balanced_loss(branch, train_y, len(labels), config.class_balance)
     try:
         while step < total:
             epoch += 1
@@ -154,14 +195,14 @@ def fit(
                     break
                 idx = perm[start : start + config.batch_size]
                 logits = batch_logits(idx)
-                loss = branch.head.loss(logits, train_y[idx])
+                loss = loss_fn(logits, train_y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(all_params, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                losses.append(loss.item())
+                losses.append(finite_loss(loss.item(), step))
                 if writer:
                     writer.add_scalar("train/loss", loss.item(), step)
                     writer.add_scalar("train/grad_norm", float(gnorm), step)
@@ -177,6 +218,9 @@ def fit(
                 "lr_head": optimizer.param_groups[-1]["lr"],
                 "elapsed_s": time.perf_counter() - started,
             }
+            score = (metrics["macro_f1"], metrics["accuracy"])
+            record["best"] = best_score is None or score > best_score  # the epoch kept so far
+            record["kept"] = kept
             history.append(record)
             if writer:
                 writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
@@ -186,13 +230,13 @@ def fit(
                 jsonl.flush()
             if on_epoch:
                 on_epoch(record)
-            score = (metrics["macro_f1"], metrics["accuracy"])
-            if best_score is None or score > best_score:
+            if record["best"]:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
-                best_state = [p.detach().clone() for p in all_params]
+                if kept == "best":
+                    best_state = [p.detach().clone() for p in all_params]
             else:
                 bad_epochs += 1
-                if bad_epochs >= config.patience:
+                if not stop_note and bad_epochs >= config.patience:
                     break
     finally:
         if writer:
@@ -203,6 +247,7 @@ def fit(
         with torch.no_grad():
             for p, best in zip(all_params, best_state, strict=True):
                 p.copy_(best)
+    check_finite_weights(branch)
     branch.eval()
     pred = eval_logits().argmax(-1)
     final = classification_metrics(eval_y.tolist(), pred.tolist(), labels)
@@ -214,7 +259,65 @@ def fit(
         seconds=time.perf_counter() - started,
         history=history,
         eval_metrics=final,
+        kept=kept,
+        early_stop_note=stop_note,
+        class_weights=class_weights,
     )
+
+
+def early_stop_note(config: BranchTrainingConfig, eval_rows: int) -> str:
+    """Why early stopping is off for this run ("" when it is on)."""
+    if not config.early_stop:
+        return "early stopping off (--no-early-stop)"
+    if eval_rows < MIN_EVAL_ROWS:
+        return (
+            f"early stopping off: {eval_rows} eval rows are too few to decide on (fewer than "
+            f"{MIN_EVAL_ROWS}); every epoch runs and the last epoch is kept"
+        )
+    return ""
+
+
+def balanced_loss(
+    branch: Branch, train_y: Tensor, num_labels: int, balance: bool | None
+) -> tuple[Callable[[Tensor, Tensor], Tensor], list[float] | None]:
+    """(loss function, class weights or None). Weights are inverse class frequencies (mean 1
+    over the classes present), used when asked, or by default when the classes are skewed
+    (largest / smallest >= SKEW_RATIO); single-label targets only. The head's own ``loss`` is
+    still what is computed: once per class present in the batch, the results weighted by
+    ``weight * rows`` (for a mean-reduced loss, exactly cross-entropy's ``weight=``)."""
+    if balance is False or train_y.dim() != 1 or not len(train_y):
+        return branch.head.loss, None
+    counts = torch.bincount(train_y, minlength=num_labels).float()
+    present = counts[counts > 0]
+    if balance is None and float(present.max()) < SKEW_RATIO * float(present.min()):
+        return branch.head.loss, None
+    weights = torch.where(counts > 0, counts.sum() / (len(present) * counts.clamp(min=1)), 0.0)
+
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        total, norm = logits.new_zeros(()), 0.0
+        for c in torch.unique(targets).tolist():
+            rows = targets == c
+            share = float(weights[c]) * int(rows.sum())
+            total = total + share * branch.head.loss(logits[rows], targets[rows])
+            norm += share
+        return total / norm
+
+    return loss, [round(float(w), 4) for w in weights]
+
+
+def finite_loss(value: float, step: int) -> float:
+    if not math.isfinite(value):
+        raise ScalerError(
+            f"training diverged: the loss is {value} at step {step}; nothing saved "
+            "(check the data, or lower the learning rate)"
+        )
+    return value
+
+
+def check_finite_weights(module: torch.nn.Module, what: str = "the new branch") -> None:
+    """Refuse weights holding NaN or infinity before anything is saved."""
+    for name, p in module.named_parameters():
+        require_finite(p, f"{what}: weight {name}")
 
 
 def _tensorboard(log_dir: Path | None) -> Any:

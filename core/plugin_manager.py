@@ -11,8 +11,9 @@ from importlib import metadata
 from typing import Any
 
 import pluggy
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from scaler_wizard import hookspecs
 from scaler_wizard.errors import PluginError, did_you_mean
@@ -26,6 +27,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "scaler_wizard.plugins.lora",
     "scaler_wizard.plugins.peft_lora",
     "scaler_wizard.plugins.stores",
+    "scaler_wizard.plugins.token_tail",  # strategy attn-mlp (issue 12)
 )
 SELF_DISTRIBUTION = "scaler-wizard"
 #: provider of a plugin registered in code rather than installed: nothing to tell users to install
@@ -218,14 +220,38 @@ class Registry:
             return reg
         at = f"{where}: " if where else ""
         if provider and provider.get("distribution") not in (None, SELF_DISTRIBUTION, UNKNOWN_DISTRIBUTION):
-            dist, ver = provider["distribution"], provider.get("version", "")
-            hint = f"; install `{dist}>={ver}`" if ver else f"; install `{dist}`"
+            hint = install_hint(provider.get("distribution"), provider.get("version"))
             raise PluginError(f"{at}{KIND_HELP[kind]} plugin {name!r} is not installed{hint}")
         raise PluginError(f"{at}unknown {KIND_HELP[kind]} {name!r} {did_you_mean(name, self.names(kind))}")
 
     def __iter__(self) -> Iterator[Registration]:
         for kind in self.entries.values():
             yield from kind.values()
+
+
+def install_hint(distribution: object, version: object) -> str:
+    """``; install `name>=version``` from a manifest's provider, or a hint that echoes nothing.
+
+    The provider comes from a manifest that may have been pulled from anyone: only a PEP 508
+    name and a PEP 440 version are printed, never options such as ``--index-url``.
+    """
+    if not isinstance(distribution, str) or not isinstance(version, str):
+        return "; its manifest names no valid distribution to install"
+    try:
+        req = Requirement(distribution)
+        valid_name = str(req) == distribution and req.name == distribution
+    except InvalidRequirement:
+        valid_name = False
+    if not valid_name or len(distribution) > 200:
+        return "; its manifest names no valid distribution to install"
+    try:
+        Version(version)
+        valid_version = version.isascii() and version == version.strip() and len(version) <= 100
+    except InvalidVersion:
+        valid_version = False
+    if not valid_version:
+        return f"; install `{distribution}`"
+    return f"; install `{distribution}>={version}`"
 
 
 def _distribution_of(host: PluginHost, plugin_name: str, plugin: object) -> tuple[str, str]:

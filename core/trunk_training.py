@@ -41,17 +41,19 @@ from scaler_wizard.banks.hashing import sha256_file
 from scaler_wizard.base_encoder import BaseEncoder
 from scaler_wizard.base_states import TokenStates, cached_states
 from scaler_wizard.branch import Branch, TrunkOutput
-from scaler_wizard.branch_training import _lr_lambda
+from scaler_wizard.branch_training import _lr_lambda, check_finite_weights, finite_loss
 from scaler_wizard.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.data import LabelledData, load_train_eval
 from scaler_wizard.errors import DataError, ScalerError
 from scaler_wizard.fingerprint import fingerprint_of, probe_logits
+from scaler_wizard.manifests.history import next_version
 from scaler_wizard.metrics import classification_metrics
 from scaler_wizard.mixed_sampler import MixedBatchSampler, derived_seed, sampling_probabilities
 from scaler_wizard.model import ScalerModel, Trunk
 from scaler_wizard.train_config import BranchSpec, TrainConfig, TrainConfigError
 from scaler_wizard.train_events import TrainEvents
+from scaler_wizard.train_finish import finished_version, plan_digest
 from scaler_wizard.train_monitor import MetricsLog, QualityChecks
 from scaler_wizard.version import __version__
 
@@ -533,7 +535,15 @@ def train_run(
                     f"{path}: changed since the run started (branch {spec.name}); start a new run"
                 )
     head = store.get_ref(plan.model)
-    if head != plan.start_manifest:
+    digest = plan_digest(run_dir / RUN_FILE)
+    # Killed after saving its version but before result.json: the head is this run's own version.
+    saved = None
+    if resume and head is not None and head != plan.start_manifest:
+        trained = [b.name for b in plan.branches]
+        saved = finished_version(
+            store, head, start_manifest=plan.start_manifest, digest=digest, branches=trained
+        )
+    if head != plan.start_manifest and saved is None:
         raise ScalerError(
             f"model {plan.model!r} moved to {head} since this run started from {plan.start_manifest}; "
             "start a new run on the current version"
@@ -621,6 +631,8 @@ def train_run(
         else:
             ckpt = load_checkpoint(path)
             module.load_state_dict(ckpt.model, strict=True)
+    if saved is not None and (ckpt is None or ckpt.step < cfg.steps):
+        raise ScalerError(f"model {plan.model!r} moved to {head} but this run has no final checkpoint")
     sampler = MixedBatchSampler(
         [len(p.train) for p in parts],
         batch_size=cfg.batch_size,
@@ -745,6 +757,7 @@ def train_run(
             examples = examples.cpu()
             nproc = acc.num_processes
             total_loss, task_loss, aux_loss = (float(scalars[i]) / nproc for i in range(3))
+            finite_loss(total_loss, step)  # every process sees the same reduced value
             tokens = float(scalars[3])
             load_counts = scalars[4:].reshape(load.shape).tolist()
             now = time.perf_counter()
@@ -804,6 +817,7 @@ def train_run(
     digest_after, trainable_after = base_digest(base)
     if digest_after != digest_before or trainable_after:
         raise ScalerError("the base encoder's weights changed during training: refusing to save (a bug)")
+    check_finite_weights(module, "the trained model")
     if not main:
         return TrainResult(
             run_dir, plan.model, None, None, cfg.steps, time.perf_counter() - started, {}, {}, [], plan.stale
@@ -816,6 +830,7 @@ def train_run(
         "command": "scaler train",
         "run": run_dir.name,
         "start_manifest": plan.start_manifest,
+        "plan_sha256": digest,
         "steps": cfg.steps,
         "seed": cfg.seed,
         "processes": acc.num_processes,
@@ -850,7 +865,7 @@ def train_run(
     fps = probe_logits(model, [p.name for p in parts])
     for p in parts:
         branches[p.name].entry["fingerprint"] = fingerprint_of(fps[p.name])
-    new_version = plan.start_version + 1
+    new_version = next_version(store, plan.model, plan.start_version)  # unique after a rollback
     for name in plan.stale:
         old = dict(model.origin.branch_entries[name])
         prov = dict(old.get("provenance") or {})
@@ -867,13 +882,13 @@ def train_run(
     message = f"train trunk with {names}: {cfg.steps} steps, seed {cfg.seed} (run {run_dir.name})"
     if plan.stale:
         message += f"; stale: {', '.join(plan.stale)}"
-    h = save_version(store, model, message=message)
+    h = saved if saved is not None else save_version(store, model, message=message)
     windows = _last_window(run_dir, cfg.check_window)
     result = TrainResult(
         run_dir=run_dir,
         model=plan.model,
         manifest=str(h),
-        version=new_version,
+        version=int(store.get_manifest(h)["version"]),
         steps=cfg.steps,
         seconds=time.perf_counter() - started,
         branches={

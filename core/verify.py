@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+from scaler_wizard.bank_checks import check_bank_metadata, check_branch_trunk, expected_metadata, trunk_ids
+from scaler_wizard.bank_loading import call_factory, check_fit, meta_probe, moe_layer
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.banks.safetensors_bank import read_bank_metadata
+from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.manifests import validate_manifest
 
@@ -38,10 +41,33 @@ def banks_of(manifest: dict[str, Any]) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def verify_version(store: ContentStore, h: str, *, trust_cache: bool = False) -> list[Check]:
-    """One Check per manifest and bank; never raises for a bad bank, only reports it."""
+def verify_version(
+    store: ContentStore, h: str, *, trust_cache: bool = False, load_base: bool = False
+) -> list[Check]:
+    """One Check per manifest and bank; never raises for a bad bank, only reports it.
+
+    Besides each bank's hash and kind: what each bank's metadata says it was written for
+    (plugin, config, labels, branch, layer) against its entry, whether its tensors fit the
+    module its entry builds, and whether each branch's recorded trunk is this trunk.
+    ``load_base`` also loads the base as compose would (about a second): its weights must
+    match its config.json exactly.
+    """
     with store.deferred_cache_writes():  # one cache write for the whole model, not one per bank
-        return _verify_version(store, h, trust_cache=trust_cache)
+        checks = _verify_version(store, h, trust_cache=trust_cache)
+        if load_base and all(c.ok for c in checks if c.what == "manifest" or c.what.startswith("base.")):
+            checks += _base_check(store, h)
+        return checks
+
+
+def _base_check(store: ContentStore, h: str) -> list[Check]:
+    from scaler_wizard.base_encoder import load_base
+
+    entry = store.get_manifest(h)["base"]
+    try:
+        load_base(store, entry)
+    except ScalerError as exc:
+        return [Check("base.bank", entry["bank"], False, _strip_field(str(exc), "base.bank"))]
+    return []
 
 
 def _verify_version(store: ContentStore, h: str, *, trust_cache: bool) -> list[Check]:
@@ -52,6 +78,14 @@ def _verify_version(store: ContentStore, h: str, *, trust_cache: bool) -> list[C
         checks.append(Check("manifest", str(bh), True))
     except ScalerError as exc:
         return [Check("manifest", str(bh), False, str(exc))]
+    described = {field: meta for field, _bank, _kind, meta in expected_metadata(manifest)}
+    registry = None
+    try:
+        from scaler_wizard.plugin_manager import get_registry
+
+        registry = get_registry()
+    except ScalerError as exc:  # a broken plugin set: hashes are still checked
+        checks.append(Check("plugins", "", False, str(exc)))
     for field, bank, kind in banks_of(manifest):
         try:
             path = store.verified_path(bank, trust_cache=trust_cache)
@@ -60,21 +94,128 @@ def _verify_version(store: ContentStore, h: str, *, trust_cache: bool) -> list[C
                 if tree.get("kind") != kind:
                     raise ScalerError(f"is a {tree.get('kind')!r} folder bank, expected {kind!r}")
                 checks.append(Check(field, bank, True, size=path.stat().st_size))
+                members_ok = True
                 for rel, member in sorted(tree["files"].items()):
                     try:
                         mpath = store.verified_path(member, trust_cache=trust_cache)
                         checks.append(Check(f"{field}[{rel}]", member, True, size=mpath.stat().st_size))
                     except ScalerError as exc:
+                        members_ok = False
                         checks.append(Check(f"{field}[{rel}]", member, False, str(exc)))
+                if members_ok and tree.get("layout") == "peft":  # PEFT allow-lists (peft_safety)
+                    checks += _peft_folder_problems(store, field, bank, tree["files"])
                 continue
             if kind is not None:
                 meta = read_bank_metadata(path, name=bank)
                 if meta.get("scaler.kind") != kind:
                     raise ScalerError(f"is a {meta.get('scaler.kind')!r} bank, expected {kind!r}")
+                if field in described:  # what the bank says it is must be what the entry says
+                    check_bank_metadata(meta, described[field], bank=bank, where=field)
+                    fit = (
+                        None
+                        if kind == "base"
+                        else load_check(manifest, field, path, bank=bank, registry=registry)
+                    )
+                    if fit:
+                        raise ScalerError(fit)
             checks.append(Check(field, bank, True, size=path.stat().st_size))
         except ScalerError as exc:
-            checks.append(Check(field, bank, False, str(exc)))
-    return checks
+            checks.append(Check(field, bank, False, _strip_field(str(exc), field)))
+    return checks + _trunk_checks(manifest)
+
+
+def _strip_field(message: str, field: str) -> str:
+    """Check.what already names the field: do not say it twice."""
+    return message.removeprefix(f"{field}: ")
+
+
+def _trunk_checks(manifest: dict[str, Any]) -> list[Check]:
+    """A failed Check for each branch recorded on another trunk than this manifest's."""
+    ids = trunk_ids(manifest)
+    out = []
+    for name, entry in sorted(manifest["branches"].items()):
+        try:
+            check_branch_trunk(manifest, name, entry, ids=ids)
+        except ScalerError as exc:
+            out.append(Check(f"branches.{name}.trunk", str(entry.get("trunk", "")), False, str(exc)))
+    return out
+
+
+def load_check(
+    manifest: dict[str, Any], field: str, path: Any, *, bank: str, registry: Any = None
+) -> str | None:
+    """Why a trunk-layer, adapter or head bank would not load into the module its entry
+    builds (missing or extra tensor, wrong shape, non-float dtype), or None.
+
+    The module is built on the meta device (no memory). A bank whose plugin is not installed
+    here is not load-checked (``compose`` says which package to install).
+    """
+    from scaler_wizard.plugin_manager import get_registry
+
+    registry = registry or get_registry()
+    hidden = manifest["base"]["hidden_size"]
+
+    def resolve(kind: str, ref: dict[str, Any], where: str) -> tuple[Any, Any] | None:
+        if ref["plugin"] not in registry.names(kind):
+            return None
+        reg = registry.get(kind, ref["plugin"])
+        cfg, _ = reg.build_config(ref.get("config"), where=f"{where}.config")
+        return reg.factory, cfg
+
+    build: Any
+    if field.startswith("trunk.layers["):
+        i = int(field[len("trunk.layers[") : field.index("]")])
+        spec = manifest["trunk"]["layers"][i]
+        got = resolve("gating", spec["gating"], f"trunk.layers[{i}].gating")
+        if got is None:
+            return None
+        build = functools.partial(moe_layer, *got, spec, hidden_size=hidden, where=f"trunk.layers[{i}]")
+    else:
+        name = field.split(".")[1]
+        entry = manifest["branches"][name]
+        strategy = resolve("strategy", entry["strategy"], f"branches.{name}.strategy")
+        if strategy is None:
+            return None
+        adapter = meta_probe(
+            functools.partial(call_factory, *strategy, f"branches.{name}.strategy", hidden_size=hidden)
+        )
+        if adapter is None:
+            return None
+        if field.endswith(".adapter_bank"):
+            if getattr(adapter, "bank_format", "safetensors") == "folder":
+                return None  # a PEFT folder: its members are checked above
+            build = lambda: adapter  # noqa: E731
+        else:
+            head = resolve("head", entry["head"], f"branches.{name}.head")
+            if head is None:
+                return None
+            build = functools.partial(
+                call_factory,
+                *head,
+                f"branches.{name}.head",
+                in_features=adapter.out_features,
+                labels=entry["labels"],
+            )
+    probe = meta_probe(build)
+    if probe is None:
+        return None
+    try:
+        check_fit(probe.state_dict(), load_bank_tensors(path, name=bank), bank=bank, where=field)
+    except ScalerError as exc:
+        return str(exc)
+    return None
+
+
+def _peft_folder_problems(store: ContentStore, field: str, bank: str, files: dict[str, str]) -> list[Check]:
+    """A failed Check if a PEFT folder bank holds other members or a config that could touch the base."""
+    from scaler_wizard import peft_safety
+
+    try:
+        peft_safety.check_members(files, where=field)
+        peft_safety.read_adapter_config(store.verified_path(files[peft_safety.CONFIG_FILE]), where=field)
+    except ScalerError as exc:
+        return [Check(field, bank, False, str(exc).removeprefix(f"{field}: "))]
+    return []
 
 
 def verify_fingerprints(store: ContentStore, h: str) -> list[Check]:

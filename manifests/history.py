@@ -6,7 +6,7 @@ from typing import Any
 
 from scaler_wizard.banks.hashing import BankHash, is_bank_hash
 from scaler_wizard.banks.store import ContentStore
-from scaler_wizard.errors import ManifestError, ModelNotFoundError, ScalerError
+from scaler_wizard.errors import ConflictError, ManifestError, ModelNotFoundError, ScalerError
 
 _MAX_DEPTH = 100_000
 
@@ -32,7 +32,11 @@ def history(store: ContentStore, head: str) -> list[tuple[BankHash, dict[str, An
 
 
 def _known_versions(store: ContentStore, name: str) -> list[tuple[BankHash, dict[str, Any]]]:
-    """Every version reachable from the ref or from any ref the reflog remembers."""
+    """Every version reachable from the ref or from any ref the reflog remembers.
+
+    A manifest that is missing or damaged ends its chain here (``verify`` reports it): saving
+    or naming a version must not depend on every old version being intact.
+    """
     heads: list[str] = []
     head = store.get_ref(name)
     if head:
@@ -43,11 +47,79 @@ def _known_versions(store: ContentStore, name: str) -> list[tuple[BankHash, dict
                 heads.append(entry[key])
     seen: dict[str, dict[str, Any]] = {}
     for h in heads:
-        if h in seen or not store.has_manifest(h):
-            continue
-        for vh, m in history(store, h):
-            seen.setdefault(vh, m)
+        current: Any = h
+        while is_bank_hash(current) and current not in seen and store.has_manifest(current):
+            try:
+                manifest = store.get_manifest(current)
+            except ScalerError:
+                break
+            seen[current] = manifest
+            current = manifest.get("parent")
     return [(BankHash(h), m) for h, m in seen.items()]
+
+
+def next_version(store: ContentStore, name: str, parent_version: int) -> int:
+    """The number of a new version of ``name`` whose parent is version ``parent_version``.
+
+    One more than the highest number the model ever had (its ref's history and every version
+    its reflog remembers), so that after ``rollback demo 3`` the next save is v5, not a second
+    v4: ``demo@4`` keeps naming one version, and a publish never reuses a tag.
+    """
+    highest = parent_version
+    for _, manifest in _known_versions(store, name):
+        number = manifest.get("version")
+        if isinstance(number, int) and not isinstance(number, bool):
+            highest = max(highest, number)
+    return highest + 1
+
+
+def _rebase_conflict(name: str, head: str, origin: str, why: str) -> ConflictError:
+    return ConflictError(
+        f"model {name!r} moved to {head} since this model was composed from {origin}, and {why}; "
+        "compose it again and redo the change"
+    )
+
+
+def rebase_branches(
+    name: str,
+    *,
+    origin: tuple[str, dict[str, Any]],
+    ours: dict[str, Any],
+    head: tuple[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Re-apply a change made on ``origin`` onto the model's newer ``head`` (as git rebases).
+
+    Possible only for a change of branches alone (adding, removing or replacing branches) on
+    a head whose base and trunk are still those of ``origin``: branches depend on the trunk
+    only, so each side's branch changes carry over unchanged. Returns ``ours`` with the
+    branches merged and ``parent`` = the head; raises ConflictError (one line) when the trunk
+    changed on either side or both sides changed the same branch.
+    """
+    origin_h, base = origin
+    head_h, theirs = head
+    for part in ("base", "trunk"):
+        if ours[part] != base[part]:
+            raise _rebase_conflict(name, head_h, origin_h, f"this change replaces the {part}")
+        if theirs[part] != base[part]:
+            raise _rebase_conflict(
+                name, head_h, origin_h, f"v{theirs.get('version')} changed the {part} this change was made on"
+            )
+    b_base, b_ours, b_theirs = base["branches"], ours["branches"], theirs["branches"]
+    merged: dict[str, Any] = {}
+    for branch in sorted({*b_base, *b_ours, *b_theirs}):
+        was, mine, other = b_base.get(branch), b_ours.get(branch), b_theirs.get(branch)
+        if mine == was:
+            pick = other
+        elif other == was or mine == other:
+            pick = mine
+        else:
+            did = "added" if was is None else "removed" if other is None else "changed"
+            raise _rebase_conflict(
+                name, head_h, origin_h, f"v{theirs.get('version')} {did} branch {branch!r} too"
+            )
+        if pick is not None:
+            merged[branch] = pick
+    return {**ours, "parent": str(head_h), "branches": merged}
 
 
 def _is_number(text: str) -> bool:
@@ -91,6 +163,7 @@ def resolve_version(store: ContentStore, spec: str) -> tuple[str, BankHash]:
 def rollback(store: ContentStore, name: str, version: str) -> BankHash:
     """Point ``name`` back at an earlier (or later) version it had. Nothing is deleted."""
     with store.lock():
+        store.clean_temp(stale_only=True)
         current = store.get_ref(name)
         if current is None:
             raise ModelNotFoundError(f"no model named {name!r}")

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import calendar
 import json
+import math
 import re
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator, validators
+from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from scaler_wizard.errors import ManifestError
 
 MANIFEST_FORMAT = "scaler-wizard/manifest"
 MANIFEST_FORMAT_VERSION = 1
+#: Limits for a manifest read from disk or the Hub, checked before anything walks it recursively.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_DEPTH = 64
+#: I-JSON (RFC 7493): integers beyond 2**53 are not portable, and none sizes anything real.
+MAX_SAFE_INTEGER = 2**53 - 1
+#: Names Windows reserves for devices, with or without an extension: they cannot be files there.
+WINDOWS_RESERVED = re.compile(r"(?i:con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?\Z")
 
 
 @cache
@@ -48,17 +57,104 @@ StrictValidator = validators.extend(
 )
 
 
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:[Zz]|[+-](\d{2}):(\d{2}))\Z"
+)
+
+
+def is_rfc3339(text: object) -> bool:
+    """An RFC 3339 date-time with real calendar values (no month 13, no 31 April, no 25:00)."""
+    if not isinstance(text, str):
+        return True  # the format applies to strings only; "type" says the rest
+    m = _RFC3339.match(text)
+    if m is None:
+        return False
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    off_h, off_m = int(m.group(8) or 0), int(m.group(9) or 0)
+    return (
+        1 <= month <= 12
+        and 1 <= day <= calendar.monthrange(year, month)[1]
+        and hour <= 23
+        and minute <= 59
+        and second <= 60  # a leap second
+        and off_h <= 23
+        and off_m <= 59
+    )
+
+
+#: jsonschema checks "date-time" only when optional packages are installed: check it ourselves.
+FORMATS = FormatChecker(formats=())
+FORMATS.checks("date-time")(is_rfc3339)
+
+
 @cache
 def _validator() -> Any:
     schema = load_schema()
     Draft202012Validator.check_schema(schema)
-    return StrictValidator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return StrictValidator(schema, format_checker=FORMATS)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a model or branch name on every OS, or None."""
+    if WINDOWS_RESERVED.match(name):
+        return f"{name!r} is a name Windows reserves for a device"
+    if name.endswith("."):
+        return f"{name!r} ends in '.', which Windows drops"
+    return None
+
+
+def check_shape(obj: Any, where: str = "manifest") -> None:
+    """Refuse what would make walking ``obj`` recursive-deep or its numbers unusable.
+
+    Iterative, so a manifest nested 100,000 deep is a one-line error, not a RecursionError.
+    """
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(obj, 1, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise ManifestError(
+                    f"invalid {where}: {field_path(path[:4])}...: nested deeper than {MAX_DEPTH} levels"
+                )
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, depth + 1, (*path, k)) for k, v in items)
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        elif isinstance(value, int):
+            if abs(value) > MAX_SAFE_INTEGER:
+                raise ManifestError(
+                    f"invalid {where}: {field_path(path)}: integer {_short(str(value), 30)} is out of range "
+                    f"(at most 2**53 - 1)"
+                )
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ManifestError(f"invalid {where}: {field_path(path)}: {value} is not a JSON number")
+        else:
+            raise ManifestError(f"invalid {where}: {field_path(path)}: {type(value).__name__} is not JSON")
+
+
+def parse_manifest_bytes(data: bytes, where: str = "manifest") -> Any:
+    """JSON from a manifest file, within the size and depth limits (not yet schema-validated)."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{where} is {len(data):,} bytes: larger than the {MAX_MANIFEST_BYTES >> 20} MiB a manifest may be"
+        )
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise ManifestError(f"invalid {where}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        raise ManifestError(f"{where} is not JSON: {str(exc).splitlines()[0]}") from exc
+    check_shape(obj, where)
+    return obj
 
 
 def field_path(path: Any) -> str:
     """``['branches', 'spam', 'labels', 0]`` -> ``branches.spam.labels[0]``."""
     out = ""
     for part in path:
+        if isinstance(part, str) and (not part.isprintable() or len(part) > 100):
+            part = repr(part[:100])  # a key from a hostile manifest must not break the one-line error
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 
@@ -75,6 +171,10 @@ def describe(error: ValidationError) -> str:
         return f"{where}: {error.message.replace(' is a required property', '')} is required"
     if v == "additionalProperties":
         return f"{where}: {error.message}"
+    if v == "pattern" and isinstance(error.instance, str) and name_problem(error.instance):
+        return f"{where}: {name_problem(error.instance)}"
+    if v == "format":
+        return f"{where}: {_short(error.instance)} is not a valid {_pattern_name('^[0-9]{4}-')}"
     if v == "pattern":
         return f"{where}: {_short(error.instance)} is not a valid {_pattern_name(str(error.validator_value))}"
     if v in ("oneOf", "anyOf"):
@@ -94,8 +194,14 @@ def _pattern_name(pattern: str) -> str:
         return "bank hash (sha256:<64 hex>)"
     if pattern.startswith("^[0-9]{4}-"):
         return "timestamp (RFC 3339, e.g. 2026-01-31T12:00:00Z)"
-    if "A-Za-z0-9" in pattern:
+    if "A-Za-z0-9.+!" in pattern:
+        return "version (PEP 440)"
+    if "._-]*" in pattern:
+        return "distribution name (PEP 508, e.g. my-plugin; no version, URL or options)"
+    if "A-Za-z0-9._-]{" in pattern:
         return "name (letters, digits, '.', '_', '-')"
+    if "A-Za-z0-9_-]{" in pattern:
+        return "branch name (letters, digits, '_', '-')"
     return f"value (pattern {pattern})"
 
 
@@ -109,6 +215,7 @@ def validate_manifest(manifest: Any, *, where: str = "manifest") -> dict[str, An
             f"{where}: format_version {manifest.get('format_version')!r} is not supported by this "
             f"scaler-wizard (reads version {MANIFEST_FORMAT_VERSION}); upgrade scaler-wizard"
         )
+    check_shape(manifest, where)
     errors = list(_validator().iter_errors(manifest))
     if errors:
         err = best_match(errors)

@@ -3,7 +3,8 @@
 More accurate than the pooled adapter (it changes what the encoder computes) and costs one
 more base + trunk pass per branch at prediction. Its bank is a stock PEFT adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
-loads on the plain base model.
+loads on the plain base model. The base encoder loads it itself, through allow-lists (plain
+LoRA only, safetensors only, nothing that touches the shared base).
 """
 
 from __future__ import annotations
@@ -42,22 +43,23 @@ class PeftLoRA(BranchAdapter):
         self.out_features = hidden_size
         self._params: list[nn.Parameter] = []
 
+    def lora_args(self) -> dict[str, Any]:
+        """The LoraConfig arguments this branch's config stands for (and its bank must state)."""
+        return {
+            "r": self.config.rank,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "target_modules": list(self.config.target_modules),
+        }
+
     def forward(self, trunk: TrunkOutput) -> Tensor:
         return trunk.pooled  # the adaptation happened inside the encoder, in this branch's own pass
 
-    def lora_config(self) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.config.rank,
-            lora_alpha=self.config.alpha,
-            lora_dropout=self.config.dropout,
-            target_modules=list(self.config.target_modules),
-        )
-
     def attach(self, base: Any, branch: str) -> None:
         try:
-            base.add_peft_adapter(branch, self.lora_config())
+            # plain settings, not a LoraConfig: the base checks them against the same allow-list
+            # as the bank loader (refused now, not after training) and builds the config itself
+            base.add_peft_adapter(branch, self.lora_args())
         except ValueError as exc:  # PEFT: target modules not found in the base model
             raise ValueError(f"peft-lora cannot adapt this base: {str(exc).splitlines()[0]}") from exc
 
@@ -69,7 +71,9 @@ class PeftLoRA(BranchAdapter):
         return folder
 
     def import_folder(self, base: Any, branch: str, folder: Path) -> None:
-        base.load_peft_adapter(branch, folder)
+        # Loaded through scaler_wizard.peft_safety's allow-lists (never PEFT's .bin fallback);
+        # the folder's own LoRA settings must be the ones the manifest's strategy entry states.
+        base.load_peft_adapter(branch, folder, expect=self.lora_args())
 
     def trainable_parameters(self, base: Any, branch: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = base.peft_parameters(branch)

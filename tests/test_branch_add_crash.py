@@ -37,6 +37,7 @@ SMS = DATA / "samples" / "sms_spam_small.csv"
 # Small batches, so that training lasts a few seconds (90 steps an epoch; early stopping ends
 # it after at least 9 epochs): long enough to be caught in the middle.
 ARGV = ["branch", "add", "demo", "sms", "--data", str(SMS), "--epochs", "12", "--batch-size", "2", "--json"]
+ARGV += ["--strategy", "lora"]  # (issue 12) the pooled-feature cache; the CLI default is attn-mlp
 TEXTS = ["WINNER!! Claim your free prize now", "Who wrote Hamlet?", "see you at 6", "ok"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 FEATURES = re.compile(r"trunk features\D*?(\d+)/(\d+)")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 from conftest import DATA, run_scaler
 
 from scaler_wizard.banks import ContentStore
@@ -53,8 +54,9 @@ def run_cli(argv: list[str], monkeypatch: Any, capsys: Any) -> tuple[int, str, s
 
 
 def feature_files(store_path: Path) -> list[Path]:
-    folder = store_path / "cache" / "features"
-    return sorted(folder.iterdir()) if folder.is_dir() else []
+    """Trunk-output cache files: pooled features, or token states (issue 12: the CLI default)."""
+    folders = [store_path / "cache" / "features", store_path / "cache" / "tokens"]
+    return sorted(f for folder in folders if folder.is_dir() for f in folder.iterdir())
 
 
 # -- every format reads the same --------------------------------------------------------------
@@ -149,8 +151,14 @@ def test_every_format_trains_through_the_cli(
         assert data["format"] == ("csv" if fmt == "renamed" else fmt) and data["rows"] == 200
         assert entry["provenance"]["label_counts"] == {"ham": 175, "spam": 25}
     assert manifest["branches"]["sms-renamed"]["provenance"]["data"]["label_column"] == "verdict"
-    # Same features, same seed, same labels: the heads are the very same bank.
-    assert len({manifest["branches"][f"sms-{fmt}"]["head_bank"] for fmt in runs}) == 1
+    # Same features, same seed, same labels: the very same head weights (the banks differ only
+    # in the branch name each one records in its metadata).
+    from safetensors.torch import load_file
+
+    heads = [load_file(store.object_path(manifest["branches"][f"sms-{fmt}"]["head_bank"])) for fmt in runs]
+    for head in heads[1:]:
+        assert head.keys() == heads[0].keys()
+        assert all(torch.equal(head[k], heads[0][k]) for k in head)
 
 
 # -- bad data: one line, before any work ------------------------------------------------------
@@ -341,3 +349,187 @@ def test_bad_data_from_the_real_console_script(
     )
     assert str(bad) in line
     assert feature_files(store_path) == [] and not (store_path / "runs").exists()
+
+
+# -- issue 10 item 19: labels are read as written, non-scalars and repeats refused ------------
+
+
+def _jsonl(*rows: str) -> bytes:
+    return ("\n".join(rows) + "\n").encode()
+
+
+LABEL_CASES = [
+    Bad(
+        "jsonl-label-object",
+        {"d.jsonl": _jsonl('{"text": "hi", "label": "ham"}', '{"text": "win", "label": {"a": 1}}')},
+        data_arg("d.jsonl"),
+        ("label column 'label' holds an object in 1 rows", "data row 2", "string, number or boolean"),
+    ),
+    Bad(
+        "jsonl-label-array",
+        {"d.jsonl": _jsonl('{"text": "hi", "label": [1, 2]}', '{"text": "win", "label": "spam"}')},
+        data_arg("d.jsonl"),
+        ("label column 'label' holds an array in 1 rows", "data row 1"),
+    ),
+    Bad(
+        "csv-text-column-twice",
+        {"d.csv": b"text,label,text\nhi,ham,other\nwin,spam,more\nyo,ham,x\n"},
+        data_arg("d.csv"),
+        ("2 columns are named 'text'",),
+    ),
+    Bad(
+        "tsv-label-column-twice",
+        {"d.tsv": b"text\tlabel\tlabel\nhi\tham\tspam\nwin\tspam\tham\n"},
+        data_arg("d.tsv"),
+        ("2 columns are named 'label'",),
+    ),
+    Bad(
+        "jsonl-text-key-twice",
+        {"d.jsonl": _jsonl('{"text": "hi", "label": "ham"}', '{"text": "a", "text": "b", "label": "spam"}')},
+        data_arg("d.jsonl"),
+        ("data row 2 has the key 'text' twice",),
+    ),
+    Bad(
+        "jsonl-number-as-text",
+        {"d.jsonl": _jsonl('{"text": "hi", "label": "ham"}', '{"text": 12, "label": "spam"}')},
+        data_arg("d.jsonl"),
+        ("text column 'text' holds non-text values", "data row 2"),
+    ),
+    Bad(
+        "jsonl-line-not-an-object",
+        {"d.jsonl": _jsonl('{"text": "hi", "label": "ham"}', "[1, 2]")},
+        data_arg("d.jsonl"),
+        ("cannot read as JSONL", "line 2 is not a JSON object"),
+    ),
+    Bad("data-is-a-directory", {}, lambda d: ["demo", "new", "--data", str(d)], ("is a directory",)),
+]
+
+
+@pytest.mark.parametrize("case", LABEL_CASES, ids=[c.id for c in LABEL_CASES])
+def test_bad_labels_and_columns_are_one_line_before_training(
+    case: Bad, store_path: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    write_case(case, tmp_path)
+    store = ContentStore.open(store_path)
+    ref = store.get_ref("demo")
+    code, out, err = run_cli(
+        ["--store", str(store_path), "branch", "add", *case.argv(tmp_path)], monkeypatch, capsys
+    )
+    line = assert_refused_before_any_work(code, out, err, case.needles)
+    assert "no such file" not in line
+    assert store.get_ref("demo") == ref
+    assert feature_files(store_path) == [] and not (store_path / "runs").exists()
+
+
+def test_labels_are_read_as_written_in_every_format(tmp_path: Path) -> None:
+    """`1` and `1.0` are two classes in CSV *and* in JSONL; JSON true is the class `true`."""
+    (tmp_path / "a.csv").write_text("text,label\na,1\nb,1.0\nc,true\nd, 2 \n")
+    (tmp_path / "a.jsonl").write_bytes(
+        _jsonl(
+            '{"text": "a", "label": 1}',
+            '{"text": "b", "label": 1.0}',
+            '{"text": "c", "label": true}',
+            '{"text": "d", "label": " 2 "}',
+        )
+    )
+    pd.DataFrame({"text": list("abcd"), "label": ["1", "1.0", "true", "2"]}).to_parquet(
+        tmp_path / "a.parquet"
+    )
+    expected = ["1", "1.0", "true", "2"]
+    for name in ("a.csv", "a.jsonl", "a.parquet"):
+        data = load_labelled(tmp_path / name)
+        assert data.labels == expected, name
+        assert data.label_names() == ["1", "1.0", "2", "true"], name
+    (tmp_path / "b.jsonl").write_bytes(_jsonl('{"text": "a", "label": false}', '{"text": "b", "label": 1e3}'))
+    assert load_labelled(tmp_path / "b.jsonl").labels == ["false", "1e3"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_missing_like_labels_are_kept_with_a_warning(fmt: str, tmp_path: Path) -> None:
+    labels = ["ham", "NaN", "spam", "null", "NA", "NaN", "ham"]
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(len(labels))], "label": labels})
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    data = load_labelled(path)
+    assert data.label_names() == ["NA", "NaN", "ham", "null", "spam"]
+    assert len(data.warnings) == 3
+    nan = next(w for w in data.warnings if "'NaN'" in w)
+    assert "in 2 rows (first: data row 2)" in nan and "kept as a class" in nan
+    assert load_labelled(SMS).warnings == []
+
+
+def _utf8_case(fmt: str, at: int) -> tuple[bytes, int]:
+    """A valid file with one Latin-1 byte placed at (about) byte ``at``; returns (bytes, offset)."""
+    header = b"text,label\n" if fmt == "csv" else b""
+    row = (
+        b"caf\xc3\xa9 na\xc3\xafve r\xc3\xa9sum\xc3\xa9,ham\n"
+        if fmt == "csv"
+        else '{"text": "café naïve résumé", "label": "ham"}\n'.encode()
+    )
+    body = header
+    while len(body) + len(row) < at:
+        body += row
+    bad_row = b"caf\xe9,spam\n" if fmt == "csv" else b'{"text": "caf\xe9", "label": "spam"}\n'
+    offset = len(body) + bad_row.index(b"\xe9")
+    return body + bad_row + row * 3, offset
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("at", [0, 537, 70_000, (1 << 20) - 3, (1 << 20) + 5000])
+def test_invalid_utf8_names_the_byte_in_the_file(fmt: str, at: int, tmp_path: Path) -> None:
+    """Not the offset inside pandas' read buffer (it said "at byte 4" for byte 537)."""
+    raw, offset = _utf8_case(fmt, at)
+    path = tmp_path / f"d.{fmt}"
+    path.write_bytes(raw)
+    line = raw[:offset].count(b"\n") + 1
+    with pytest.raises(DataError, match=rf"not UTF-8 text \(.* at byte {offset}, line {line}\)$"):
+        load_labelled(path)
+
+
+def test_a_character_across_read_chunks_is_valid_utf8(tmp_path: Path) -> None:
+    """A multi-byte character split by the 1 MiB read chunk is not an error."""
+    from scaler_wizard import data as data_module
+
+    prefix = b"text,label\nhello,ham\n"
+    path = tmp_path / "d.csv"
+    # "é" (2 bytes) straddles the chunk boundary at 1 MiB
+    filler = b"y" * (data_module._CHUNK - len(prefix) - 1)
+    raw = prefix + filler + "é,spam\nhi,ham\n".encode()
+    assert raw[data_module._CHUNK - 1 : data_module._CHUNK + 1] == "é".encode()
+    path.write_bytes(raw)
+    assert load_labelled(path).label_names() == ["ham", "spam"]
+
+
+def test_many_classes_get_a_short_summary_and_a_stated_eval_split(
+    store_path: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """60 classes of 2 rows: the `data:` line stays short, and the 50% eval split is stated."""
+    rows = [(f"message {c} number {i}", f"class-{c:03d}") for c in range(60) for i in range(2)]
+    path = tmp_path / "many.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
+    code, out, err = run_cli(
+        [
+            "--store",
+            str(store_path),
+            "branch",
+            "add",
+            "demo",
+            "many",
+            "--data",
+            str(path),
+            "--epochs",
+            "1",
+            "--json",
+        ],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0, err
+    data_line = next(line for line in err.splitlines() if line.startswith("data:"))
+    assert len(data_line) < 400, data_line
+    assert "60 classes" in data_line and "and 50 more" in data_line
+    warning = next(line for line in err.splitlines() if "eval split" in line)
+    assert warning.startswith("warning: ") and "holds out 60 of 120 rows (50%, not 10%)" in warning

@@ -324,14 +324,21 @@ def test_unchanged_branches_keep_their_bank_hashes_across_versions(store: Conten
     assert bank_entries(v4)["topic"][1] == bank_entries(v3)["topic"][1]  # head did not
 
 
-def test_a_stale_model_cannot_overwrite_a_newer_version(store: ContentStore) -> None:
+def test_a_stale_model_is_rebased_or_refused_never_overwrites(store: ContentStore) -> None:
     from scaler_wizard.errors import ConflictError
 
     first = compose(store, "demo")
     second = compose(store, "demo")
+    third = compose(store, "demo")
     add_branches(first, 1, prefix="a")
     save_version(store, first, message="a")
+    # Another branch on the same trunk: re-applied onto the new head, nothing lost.
     add_branches(second, 1, prefix="b")
-    with pytest.raises(ConflictError, match="compose it again"):
-        save_version(store, second, message="b")
-    assert set(head_manifest(store)["branches"]) == {"spam", "topic", "a0"}
+    save_version(store, second, message="b")
+    assert set(head_manifest(store)["branches"]) == {"spam", "topic", "a0", "b0"}
+    # The same name as a branch added since: a real conflict, refused in one line.
+    add_branches(third, 1, prefix="a")
+    with pytest.raises(ConflictError) as info:
+        save_version(store, third, message="a again")
+    assert "\n" not in str(info.value) and "a0" in str(info.value)
+    assert set(head_manifest(store)["branches"]) == {"spam", "topic", "a0", "b0"}

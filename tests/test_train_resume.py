@@ -123,3 +123,82 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(
         check=False,
     )
     assert again.returncode == 0 and json.loads(again.stdout)["already_finished"] is True
+
+
+KILL_BEFORE_RESULT = """
+import os, signal, sys
+import scaler_wizard.trunk_training as tt
+real = tt.atomic_write_bytes
+def write(path, data, *args, **kwargs):
+    if path.name == tt.RESULT_FILE:  # the version is saved, the result not yet written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, data, *args, **kwargs)
+tt.atomic_write_bytes = write
+from scaler_wizard.cli.app import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kill_between_ref_move_and_result_finishes_the_run(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Killed after its version was saved but before result.json: --resume recognises the
+    model's head as this run's own version and writes the result; nothing is trained or saved
+    again. A head some other change moved on is still refused."""
+    import sys
+
+    root = tmp_path / "store"
+    copy_store(tiny_template(tmp_path_factory), root)
+    run_dir = tmp_path / "run"
+    args = [*train_args(run_dir)]
+    args[args.index("--steps") + 1] = "4"
+    args[args.index("--checkpoint-every") + 1] = "2"
+    args[args.index("--eval-every") + 1] = "2"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_RESULT, *args],
+        env=subprocess_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = ContentStore.open(root)
+    head = store.resolve("tiny")
+    assert store.get_manifest(head)["version"] == 2  # the run's version was saved...
+    assert not (run_dir / "result.json").exists()  # ...and the kill came before its result
+    manifests = set(store.iter_manifests())
+
+    resumed = subprocess.run(
+        [str(SCALER), "train", "--resume", str(run_dir), "--json"],
+        env=subprocess_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["manifest"] == head and summary["version"] == 2
+    assert summary["already_finished"] is False and summary["resumed_from"] == 4
+    assert store.resolve("tiny") == head and set(store.iter_manifests()) == manifests  # nothing new
+    assert json.loads((run_dir / "result.json").read_text())["manifest"] == head
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
+
+    # A version this run did not make on top: the model really moved, and resume says so.
+    (run_dir / "result.json").unlink()
+    from scaler_wizard.compose import compose, save_version
+
+    save_version(store, compose(store, "tiny"), message="someone else's change")
+    moved = subprocess.run(
+        [str(SCALER), "train", "--resume", str(run_dir), "--json"],
+        env=subprocess_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert moved.returncode == 1
+    assert "moved to" in moved.stderr and len(moved.stderr.strip().splitlines()) == 1
+    assert "internal error" not in moved.stderr

@@ -1,0 +1,165 @@
+"""Branch quality on the bundled data (issue 12), opt-in: several minutes on 2 CPUs.
+
+The fixed split of the issue: ``train_test_split(test_size=0.2, random_state=0,
+stratify=label)`` of data/trec.csv and data/sms_spam.csv; model selection (early stopping,
+the kept epoch) on a validation split of 10% carved from the training part only; accuracy
+and macro-F1 read once on the test part.
+
+Compared in one run, on the same base and split: our built-in strategies trained the way
+``branch add`` trains them (cached trunk outputs), and logistic regression on the same frozen
+mean-pooled features. SetFit, AdapterHub ``adapters``, PEFT LoRA and full fine-tuning are
+listed when their packages are importable; this script does not install them (and is not
+run by them): they are reported as "not installed" or "not run".
+
+    python bench/bench_quality.py [--tasks trec,sms_spam] [--out bench/results/quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+from scaler_wizard.banks import ContentStore
+from scaler_wizard.branch_training import BranchTrainingConfig, predict_logits, train_branch
+from scaler_wizard.compose import compose, init_model, new_branch, trunk_id
+from scaler_wizard.errors import ScalerError
+from scaler_wizard.features import cached_features
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = ("attn-mlp", "lora")
+OTHERS = {"SetFit": "setfit", "AdapterHub adapters": "adapters", "PEFT LoRA (full pass)": "peft"}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def branch_bytes(branch: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in branch.state_dict().values())
+
+
+def run_task(store: ContentStore, task: str) -> list[dict[str, Any]]:
+    model = compose(store, "demo")
+    assert model.origin is not None
+    tid = trunk_id(model.origin.manifest)
+    df = pd.read_csv(REPO / "data" / f"{task}.csv")
+    train, test = train_test_split(df, test_size=0.2, random_state=0, stratify=df["label"])
+    fit, val = train_test_split(train, test_size=0.1, random_state=0, stratify=train["label"])
+    labels = sorted(df["label"].unique())
+    index = {lab: i for i, lab in enumerate(labels)}
+
+    def y(part: pd.DataFrame) -> torch.Tensor:
+        return torch.tensor([index[lab] for lab in part["label"]])
+
+    texts = list(fit["text"]) + list(val["text"]) + list(test["text"])
+    n1, n2 = len(fit), len(fit) + len(val)
+    rows: list[dict[str, Any]] = []
+    feats: dict[str, Any] = {}
+    for kind in ("pooled", "tokens"):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        feats[kind], cached = cached_features(store, model, tid, texts, kind=kind)
+        print(f"{task}: {kind} features {time.perf_counter() - t0:.1f}s (cached={cached})", flush=True)
+        feats[kind + "_seconds"] = (time.perf_counter() - t0, cpu_seconds() - c0)
+    for strategy in STRATEGIES:
+        torch.manual_seed(0)
+        branch = new_branch(hidden_size=model.trunk_hidden_size(), labels=labels, strategy=strategy)
+        kind = getattr(branch.adapter, "features", "pooled")
+        x = feats[kind]
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        result = train_branch(branch, x[:n1], y(fit), x[n1:n2], y(val), BranchTrainingConfig())
+        pred = predict_logits(branch, x[n2:]).argmax(-1)
+        rows.append(
+            {
+                "task": task,
+                "method": f"ours: {strategy}",
+                "accuracy": accuracy_score(y(test), pred),
+                "macro_f1": f1_score(y(test), pred, average="macro"),
+                "train_wall_s": time.perf_counter() - t0,
+                "train_cpu_s": cpu_seconds() - c0,
+                "feature_wall_s": feats[kind + "_seconds"][0],
+                "bytes_per_branch": branch_bytes(branch),
+                "epochs": result.epochs_run,
+                "best_epoch": result.best_epoch,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    pooled = feats["pooled"]
+    x_fit = pooled[:n1].numpy() if isinstance(pooled, torch.Tensor) else pooled.tensor(0, n1).numpy()
+    x_test = pooled[n2:].numpy() if isinstance(pooled, torch.Tensor) else pooled.tensor(n2).numpy()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    clf = LogisticRegression(max_iter=2000).fit(x_fit, y(fit).numpy())
+    pred_lr = clf.predict(x_test)
+    rows.append(
+        {
+            "task": task,
+            "method": "logistic regression on frozen mean-pooled features",
+            "accuracy": accuracy_score(y(test), pred_lr),
+            "macro_f1": f1_score(y(test), pred_lr, average="macro"),
+            "train_wall_s": time.perf_counter() - t0,
+            "train_cpu_s": cpu_seconds() - c0,
+            "feature_wall_s": feats["pooled_seconds"][0],
+            "bytes_per_branch": int(clf.coef_.size + clf.intercept_.size) * 8,
+        }
+    )
+    print(json.dumps(rows[-1]), flush=True)
+    for name, module in OTHERS.items():
+        status = (
+            "not run (needs its own training script)" if importlib.util.find_spec(module) else "not installed"
+        )
+        rows.append({"task": task, "method": name, "status": status})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="trec,sms_spam")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    parser.add_argument("--store", type=Path, default=None, help="reuse a store (and its caches)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    root = args.store or Path(tempfile.mkdtemp(prefix="bench-quality-")) / "store"
+    store = ContentStore.open(root, create=True)
+    try:
+        store.resolve("demo")
+    except ScalerError:
+        init_model(store, "demo", seed=0)
+    rows = [row for task in args.tasks.split(",") for row in run_task(store, task)]
+    report = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average": os.getloadavg(),
+        "split": "train_test_split(test_size=0.2, random_state=0, stratify=label); val = 10% of train",
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n| task | method | accuracy | macro-F1 | train s | bytes/branch |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "accuracy" in r:
+            print(
+                f"| {r['task']} | {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+                f"{r['train_wall_s']:.1f} | {r['bytes_per_branch']} |"
+            )
+        else:
+            print(f"| {r['task']} | {r['method']} | {r['status']} | | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Progress of ``scaler branch add`` on stderr: a rich bar on a terminal, plain lines elsewhere.
+
+Off a terminal (a CI log, ``2> file``, a pipe) a live bar prints nothing until it ends, so each
+epoch and every tenth of a long pass gets one plain line instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from scaler_wizard.data import summarize_counts
+
+#: plain mode prints a line each time a pass crosses another tenth of its rows
+PLAIN_STEPS = 10
+
+
+class BranchProgress:
+    """The ``report`` and ``progress_factory`` callbacks of ``add_branch``."""
+
+    def __init__(self, console: Console, *, plain: bool | None = None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console
+        self.plain = (not console.is_terminal) if plain is None else plain
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.epochs: int | None = None
+        self._epoch_task: Any = None
+
+    def _line(self, text: str) -> None:
+        if self.progress.live.is_started:
+            self.progress.console.print(text, markup=False)
+        else:
+            self.console.print(text, markup=False)
+
+    def factory(self, desc: str, total: int) -> Callable[[int], None]:
+        """A callback advancing a pass of ``total`` rows; nothing shows until the first rows are
+        done (a pass served from a cache never advances)."""
+        done = [0]
+        every = max(1, -(-total // PLAIN_STEPS))
+        task: list[Any] = []
+
+        def advance(n: int) -> None:
+            before, done[0] = done[0], done[0] + n
+            if not self.plain:
+                if not task:
+                    self.progress.start()
+                    task.append(self.progress.add_task(desc, total=total))
+                self.progress.advance(task[0], n)
+            elif done[0] // every > before // every or (done[0] >= total > before):
+                self._line(f"{desc}: {min(done[0], total)}/{total} rows")
+
+        return advance
+
+    def report(self, event: str, info: dict[str, Any]) -> None:
+        if event == "data":
+            self._line(
+                f"data: {info['train']} train / {info['eval']} eval rows; "
+                f"classes: {summarize_counts(info['counts'])}"
+            )
+            for warning in info.get("warnings") or []:
+                self._line(f"warning: {warning}")
+        elif event == "features" and info["cached"]:
+            self._line("trunk features: from cache")
+        elif event == "training":
+            self.epochs = int(info["epochs"])
+            if info.get("early_stop"):  # (issue 12) say why early stopping is off
+                self._line(f"note: {info['early_stop']}")
+        elif event == "epoch":
+            text = (
+                f"epoch {info['epoch']}{f'/{self.epochs}' if self.epochs else ''}: "
+                f"loss {info['train_loss']:.3f} eval acc {info['eval_accuracy']:.3f}"
+                f"{epoch_mark(info)}"
+            )
+            if self.plain:
+                self._line(f"training: {text}")
+                return
+            if self._epoch_task is None:
+                self.progress.start()
+                self._epoch_task = self.progress.add_task("training (epochs)", total=self.epochs)
+            self.progress.update(self._epoch_task, advance=1, description=f"training: {text}")
+
+    def stop(self) -> None:
+        if self.progress.live.is_started:  # stop() on a never-started bar still prints a blank line
+            self.progress.stop()
+
+
+def epoch_mark(info: dict[str, Any]) -> str:
+    """(issue 12) Macro-F1 (what picks the saved epoch) and which epoch will be saved, so the
+    live line agrees with the saved branch."""
+    text = f" macro-F1 {info['eval_macro_f1']:.3f}" if "eval_macro_f1" in info else ""
+    if info.get("kept") == "last":
+        return text + " (the last epoch is saved)"
+    return text + (" (best so far: saved)" if info.get("best") else "")

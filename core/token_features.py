@@ -1,0 +1,207 @@
+"""Cached trunk token states, for branch strategies that read ``TrunkOutput.hidden``.
+
+The base and trunk are frozen while a branch trains, so their token states for a dataset are
+computed once and kept on disk in float16. Examples have different lengths, so a cache file
+holds one shard of examples as a flat ``states`` tensor ``(total_tokens, d)`` plus ``offsets``
+``(n + 1,)`` (example ``i`` is ``states[offsets[i]:offsets[i + 1]]``), and the pooled output
+``(n, d)`` in float32 exactly as the trunk gives it. Files are bound to their inputs like the
+pooled-feature cache (core/features.py): key, trunk, rows, dtype, max length, shapes, checksum
+and a finiteness check; anything that does not match is recomputed, never trusted.
+
+Large datasets are cut into shards of ``SHARD_ROWS`` examples, each its own file, read back
+memory-mapped: memory stays bounded by one shard while computing, and training gathers only
+the rows of each batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from scaler_wizard.banks import BankHash, ContentStore
+from scaler_wizard.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.branch import TrunkOutput
+from scaler_wizard.model import ScalerModel
+
+Progress = Callable[[int], None]
+KIND = "token-cache"
+#: Examples per cache file: at most 4,096 x 256 tokens x 384 x 2 bytes = 768 MiB, typically ~1/10.
+SHARD_ROWS = 4096
+
+
+def token_key(trunk: str, texts: Sequence[str], max_length: int) -> str:
+    payload = json.dumps(
+        {"kind": KIND, "trunk": trunk, "max_length": max_length, "dtype": "float16", "texts": list(texts)},
+        ensure_ascii=False,
+    )
+    return BankHash.of_bytes(payload.encode()).hex
+
+
+class TokenShard:
+    """One cache file's tensors: flat float16 ``states``, int64 ``offsets``, float32 ``pooled``."""
+
+    def __init__(self, states: Tensor, offsets: Tensor, pooled: Tensor) -> None:
+        self.states, self.offsets, self.pooled = states, offsets, pooled
+
+    def __len__(self) -> int:
+        return int(self.pooled.shape[0])
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"states": self.states, "offsets": self.offsets, "pooled": self.pooled}
+
+
+class TokenRows:
+    """Rows ``start:stop`` of the shards read end to end; ``rows[a:b]`` is a view (nothing
+    copied) and ``rows.batch(index)`` a padded float32 :class:`TrunkOutput` of those rows."""
+
+    def __init__(self, shards: Sequence[TokenShard], start: int = 0, stop: int | None = None) -> None:
+        self.shards = list(shards)
+        self.bounds = [0]
+        for s in self.shards:
+            self.bounds.append(self.bounds[-1] + len(s))
+        self.start = start
+        self.stop = self.bounds[-1] if stop is None else stop
+        if not 0 <= self.start <= self.stop <= self.bounds[-1]:
+            raise IndexError(f"rows {start}:{stop} out of range for {self.bounds[-1]} rows")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: slice) -> TokenRows:
+        lo, hi, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("TokenRows slices take no step")
+        return TokenRows(self.shards, self.start + lo, self.start + max(lo, hi))
+
+    def _locate(self, row: int) -> tuple[TokenShard, int]:
+        absolute = self.start + row
+        k = next(i for i in range(len(self.shards)) if absolute < self.bounds[i + 1])
+        return self.shards[k], absolute - self.bounds[k]
+
+    def batch(self, index: Tensor) -> TrunkOutput:
+        """The trunk output of these rows: hidden (B, T, d) float32 padded, mask, pooled."""
+        rows = [int(i) for i in index.reshape(-1).tolist()]
+        if any(not 0 <= r < len(self) for r in rows):
+            raise IndexError("row index out of range")
+        spans = []
+        for r in rows:
+            shard, i = self._locate(r)
+            a, b = int(shard.offsets[i]), int(shard.offsets[i + 1])
+            spans.append((shard, i, a, b))
+        d = int(self.shards[0].states.shape[1])
+        width = max([b - a for _, _, a, b in spans] + [1])
+        hidden = torch.zeros(len(rows), width, d, dtype=torch.float32)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        pooled = torch.empty(len(rows), d, dtype=torch.float32)
+        for j, (shard, i, a, b) in enumerate(spans):
+            hidden[j, : b - a] = shard.states[a:b]
+            mask[j, : b - a] = True
+            pooled[j] = shard.pooled[i]
+        empty = pooled.new_zeros(())
+        return TrunkOutput(pooled=pooled, hidden=hidden, mask=mask, aux_loss=empty)
+
+
+@torch.inference_mode()
+def compute_tokens(
+    model: ScalerModel, texts: Sequence[str], *, batch_size: int = 64, progress: Progress | None = None
+) -> TokenShard:
+    """Token states (float16, flat) and pooled outputs of ``texts``, batched by length."""
+    was_training = model.training
+    model.eval()
+    d = model.trunk_hidden_size()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    per_row: list[Tensor | None] = [None] * len(texts)
+    pooled = torch.empty(len(texts), d, dtype=torch.float32)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = model.base.tokenize([texts[i] for i in idx], model.device)
+            out = model.encode(**batch)
+            hidden = out.hidden.float().cpu()
+            require_finite(hidden, "trunk token states")
+            mask = out.mask.cpu()
+            for j, i in enumerate(idx):
+                per_row[i] = hidden[j][mask[j]].to(torch.float16)
+            pooled[torch.tensor(idx, dtype=torch.long)] = out.pooled.float().cpu()
+            if progress:
+                progress(len(idx))
+    finally:
+        model.train(was_training)
+    lengths = torch.tensor([0] + [int(t.shape[0]) for t in per_row if t is not None], dtype=torch.int64)
+    offsets = torch.cumsum(lengths, 0)
+    states = (
+        torch.cat([t for t in per_row if t is not None]) if texts else torch.empty(0, d, dtype=torch.float16)
+    )
+    return TokenShard(states.contiguous(), offsets, pooled)
+
+
+def cached_tokens(
+    store: ContentStore,
+    model: ScalerModel,
+    trunk: str,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> tuple[TokenRows, bool]:
+    """(token rows, all came from cache): shard by shard, each shard its own bound cache file
+    (a killed run keeps the shards it finished). Non-finite fresh states are refused."""
+    shards, all_cached = [], True
+    for start in range(0, max(1, len(texts)), SHARD_ROWS):
+        shard, cached = _cached_shard(
+            store, model, trunk, texts[start : start + SHARD_ROWS], batch_size=batch_size, progress=progress
+        )
+        shards.append(shard)
+        all_cached = all_cached and cached
+    return TokenRows(shards), all_cached
+
+
+def _cached_shard(
+    store: ContentStore,
+    model: ScalerModel,
+    trunk: str,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    progress: Progress | None,
+) -> tuple[TokenShard, bool]:
+    max_length = model.base.max_length
+    key = token_key(trunk, texts, max_length)
+    path = cache_dir(store) / f"{key}.safetensors"
+    d = model.trunk_hidden_size()
+    bound = {"trunk": trunk, "rows": len(texts), "dtype": "float16", "max_length": max_length}
+    expect: dict[str, tuple[torch.dtype, tuple[int | None, ...]]] = {
+        "states": (torch.float16, (None, d)),
+        "offsets": (torch.int64, (len(texts) + 1,)),
+        "pooled": (torch.float32, (len(texts), d)),
+    }
+    found = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
+    if found is not None and _offsets_ok(found["offsets"], found["states"], max_length):
+        if progress:
+            progress(len(texts))
+        return TokenShard(found["states"], found["offsets"], found["pooled"]), True
+    shard = compute_tokens(model, texts, batch_size=batch_size, progress=progress)
+    require_finite(shard.pooled, "trunk features")
+    write_bound(path, shard.tensors(), kind=KIND, key=key, bound=bound)
+    again = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)  # memory-mapped copy
+    if again is not None and _offsets_ok(again["offsets"], again["states"], max_length):
+        return TokenShard(again["states"], again["offsets"], again["pooled"]), False
+    return shard, False
+
+
+def _offsets_ok(offsets: Tensor, states: Tensor, max_length: int) -> bool:
+    """Offsets start at 0, end at the number of states, and give each example 1..max_length tokens."""
+    if int(offsets[0]) != 0 or int(offsets[-1]) != int(states.shape[0]):
+        return False
+    if offsets.numel() < 2:
+        return True
+    steps = offsets[1:] - offsets[:-1]
+    return bool(((steps >= 1) & (steps <= max_length)).all())
+
+
+def cache_dir(store: ContentStore) -> Path:
+    return store.root / "cache" / "tokens"

@@ -1,0 +1,54 @@
+"""Recognising the version a ``scaler train`` run saved itself.
+
+A run saves its version (the ref moves) and only then writes ``result.json``. A run killed
+between the two is complete: its version is the model's head. ``--resume`` must then finish
+the run (write ``result.json`` for that version), not refuse because "the model moved".
+
+The run binds its version to itself: every branch it trained records, in
+``provenance.training``, the run's ``start_manifest`` and the sha256 of the run's own
+``run.json`` (which holds the start manifest, the data hashes and the creation time, so no
+other run has the same one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from scaler_wizard.banks import ContentStore
+from scaler_wizard.banks.hashing import sha256_file
+
+
+def plan_digest(run_file: Path) -> str:
+    """The id a run records in the versions it saves: the sha256 of its ``run.json``."""
+    return str(sha256_file(run_file))
+
+
+def saved_by_run(manifest: dict[str, Any], *, start_manifest: str, digest: str, branches: list[str]) -> bool:
+    """True if ``manifest`` is the version the run (``digest``, from ``start_manifest``,
+    training ``branches``) saved: its parent is the run's start and every branch the run
+    trained says it was trained by this very run."""
+    if manifest.get("parent") != start_manifest or not branches:
+        return False
+    entries = manifest.get("branches")
+    if not isinstance(entries, dict):
+        return False
+    for name in branches:
+        entry = entries.get(name)
+        prov = entry.get("provenance") if isinstance(entry, dict) else None
+        training = prov.get("training") if isinstance(prov, dict) else None
+        if not isinstance(training, dict):
+            return False
+        if training.get("plan_sha256") != digest or training.get("start_manifest") != start_manifest:
+            return False
+    return True
+
+
+def finished_version(
+    store: ContentStore, head: str, *, start_manifest: str, digest: str, branches: list[str]
+) -> str | None:
+    """``head`` if it is the version this run saved (the run was killed before writing its
+    result), else None."""
+    manifest = store.get_manifest(head)
+    ok = saved_by_run(manifest, start_manifest=start_manifest, digest=digest, branches=branches)
+    return str(head) if ok else None
