@@ -1,7 +1,8 @@
 """Progress of ``scaler branch add`` on stderr: a rich bar on a terminal, plain lines elsewhere.
 
 Off a terminal (a CI log, ``2> file``, a pipe) a live bar prints nothing until it ends, so each
-epoch and every tenth of a long pass gets one plain line instead.
+epoch and every tenth of a long pass gets one plain line instead. Reading a big data file is a
+pass too (``reading data: 40/200 MB``), shown from its first chunk (issue 10 item 19).
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ from scaler_wizard.data import summarize_counts
 
 #: plain mode prints a line each time a pass crosses another tenth of its rows
 PLAIN_STEPS = 10
+#: (issue 10 item 19) a data file this big or bigger gets a "reading data" bar / lines
+READ_PROGRESS_MIN_BYTES = 4_000_000
+MB = 1_000_000
 
 
 class BranchProgress:
     """The ``report`` and ``progress_factory`` callbacks of ``add_branch``."""
 
-    def __init__(self, console: Console, *, plain: bool | None = None) -> None:
+    def __init__(
+        self, console: Console, *, plain: bool | None = None, min_read_bytes: int = READ_PROGRESS_MIN_BYTES
+    ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console
         self.plain = (not console.is_terminal) if plain is None else plain
+        self.min_read_bytes = min_read_bytes
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -43,7 +50,31 @@ class BranchProgress:
 
     def factory(self, desc: str, total: int) -> Callable[[int], None]:
         """A callback advancing a pass of ``total`` rows; nothing shows until the first rows are
-        done (a pass served from a cache never advances)."""
+        done (a pass served from a cache never advances).
+
+        (issue 10 item 19) A ``reading ...`` pass counts bytes and shows megabytes; a file under
+        ``min_read_bytes`` reads in a blink and gets no bar or line."""
+        if desc.startswith("reading"):
+            return self._bytes(desc, total)
+        return self._rows(desc, total, "rows")
+
+    def _bytes(self, desc: str, total: int) -> Callable[[int], None]:
+        if total < self.min_read_bytes:
+            return lambda _n: None
+        units = -(-total // MB)
+        inner = self._rows(desc if self.plain else f"{desc} (MB)", units, "MB")
+        got = [0, 0]  # bytes read, megabytes shown
+
+        def advance(n: int) -> None:
+            got[0] += n
+            shown = units if got[0] >= total else min(units, got[0] // MB)
+            if shown > got[1]:
+                inner(shown - got[1])
+                got[1] = shown
+
+        return advance
+
+    def _rows(self, desc: str, total: int, unit: str) -> Callable[[int], None]:
         done = [0]
         every = max(1, -(-total // PLAIN_STEPS))
         task: list[Any] = []
@@ -56,7 +87,7 @@ class BranchProgress:
                     task.append(self.progress.add_task(desc, total=total))
                 self.progress.advance(task[0], n)
             elif done[0] // every > before // every or (done[0] >= total > before):
-                self._line(f"{desc}: {min(done[0], total)}/{total} rows")
+                self._line(f"{desc}: {min(done[0], total)}/{total} {unit}")
 
         return advance
 

@@ -162,6 +162,7 @@ def add_branch(
         eval_path=data.eval_path,
         eval_split=data.eval_split,
         seed=training.seed,
+        progress=progress_factory,  # (issue 10 item 19) "reading data" in bytes, from the first chunk
     )
     labels = full.label_names()
     # -- preflight (engineer D, issue 10 item 9): every manifest rule, before any training --

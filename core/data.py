@@ -1,4 +1,6 @@
-"""Labelled text data in: CSV, TSV, JSONL and Parquet via pandas, checked before any training.
+"""Labelled text data in: CSV, TSV, JSONL and Parquet, checked before any training.
+
+Files are read in chunks with bounded memory and progress (``data_readers``, issue 10 item 19).
 
 Labels are read as the text written in the file, in every format: ``1`` and ``1.0`` are two
 classes whether they come from a CSV or a JSONL file, and JSON ``true`` is the class ``true``.
@@ -8,17 +10,22 @@ reads like a missing value (``NaN``, ``null``, ``NA``…) is kept as a class, wi
 
 from __future__ import annotations
 
-import codecs
-import csv
-import json
 import random
+from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
 from scaler_wizard.banks.hashing import sha256_file
+from scaler_wizard.data_readers import _CHUNK as _CHUNK  # the UTF-8 check's read size (tests)
+from scaler_wizard.data_readers import Number, read_columns
 from scaler_wizard.errors import DataError
+
+#: ``factory(description, total bytes)`` -> ``advance(bytes)``: progress of reading a file
+ReadProgress = Callable[[str, int], Callable[[int], None]]
 
 FORMATS = {
     ".csv": "csv",
@@ -61,100 +68,6 @@ SUMMARY_CLASSES = 10
 #: an eval split holding out more than this multiple of the asked fraction gets a warning
 SPLIT_WARN_FACTOR = 1.5
 
-_CHUNK = 1 << 20
-
-
-def _check_utf8(path: Path) -> None:
-    """Refuse a file that is not UTF-8, naming the byte offset (in the file) and line of the
-    first bad byte; pandas reports an offset inside one of its read buffers."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    offset, lines = 0, 1
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            pending = decoder.getstate()[0]
-            try:
-                decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as exc:
-                where = offset - len(pending) + exc.start
-                lines += (pending + chunk)[: exc.start].count(b"\n")
-                raise DataError(
-                    f"{path}: not UTF-8 text ({exc.reason} at byte {where}, line {lines})"
-                ) from exc
-            if not chunk:
-                return
-            offset += len(chunk)
-            lines += chunk.count(b"\n")
-
-
-def _header(path: Path, fmt: str) -> list[str]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return next(csv.reader(f, delimiter="," if fmt == "csv" else "\t"), [])
-
-
-class _Number(str):
-    """A JSON number kept as it is written (``1.0`` stays ``1.0``)."""
-
-
-def _read_jsonl(path: Path) -> Any:
-    """JSON Lines by hand: numbers keep their written form, a repeated key is an error."""
-    import pandas as pd
-
-    text = path.read_bytes().decode("utf-8-sig")  # valid UTF-8: checked before
-    rows: list[dict[str, Any]] = []
-    columns: dict[str, None] = {}
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, value in items:
-            if key in obj:
-                raise DataError(f"{path}: data row {len(rows) + 1} has the key {key!r} twice")
-            obj[key] = value
-        return obj
-
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line, object_pairs_hook=pairs, parse_int=_Number, parse_float=_Number)
-        except ValueError as exc:
-            raise DataError(f"{path}: cannot read as JSONL: line {number}: {exc}") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: cannot read as JSONL: line {number} is not a JSON object")
-        columns.update(dict.fromkeys(row))
-        rows.append(row)
-    # object dtype: pandas' string inference would turn the numbers back into plain strings
-    return pd.DataFrame(rows, columns=list(columns), dtype=object) if rows else pd.DataFrame()
-
-
-def _read_frame(path: Path, fmt: str) -> Any:
-    import pandas as pd
-
-    try:
-        if fmt in ("csv", "tsv"):
-            _check_utf8(path)
-            header = _header(path, fmt)
-            frame = pd.read_csv(
-                path,
-                sep="," if fmt == "csv" else "\t",
-                dtype=str,
-                keep_default_na=False,
-                encoding="utf-8-sig",
-                encoding_errors="strict",
-            )
-            frame.attrs["header"] = [str(c) for c in header]  # before pandas renames repeats
-            return frame
-        if fmt == "jsonl":
-            _check_utf8(path)
-            return _read_jsonl(path)
-        return pd.read_parquet(path)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except pd.errors.EmptyDataError as exc:
-        raise DataError(f"{path}: the file is empty") from exc
-    except (pd.errors.ParserError, ValueError, OSError) as exc:
-        raise DataError(f"{path}: cannot read as {fmt.upper()}: {str(exc).splitlines()[0]}") from exc
-
 
 def _blank(value: Any) -> bool:
     if value is None:
@@ -171,8 +84,14 @@ def load_labelled(
     label_column: str = "label",
     fmt: str | None = None,
     min_classes: int = 2,
+    progress: ReadProgress | None = None,
+    progress_desc: str = "reading data",
+    chunk_rows: int | None = None,
 ) -> LabelledData:
-    """Read a labelled file; every problem is a one-line DataError naming the file and rows."""
+    """Read a labelled file; every problem is a one-line DataError naming the file and rows.
+
+    The file is read in chunks of ``chunk_rows`` rows (see ``data_readers.chunk_rows``);
+    ``progress(progress_desc, file size)`` gives the callback told the bytes read so far."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory; give a data file (.csv, .tsv, .jsonl or .parquet)")
@@ -183,37 +102,72 @@ def load_labelled(
         raise DataError(f"{path}: unknown format {path.suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    frame = _read_frame(path, fmt)
-    columns = [str(c) for c in frame.columns]
-    header = frame.attrs.get("header") or columns
-    for role, col in (("text", text_column), ("label", label_column)):
-        if col not in columns:
-            raise DataError(f"{path}: no {role} column {col!r} (columns: {', '.join(columns) or 'none'})")
-        if header.count(col) > 1:
-            raise DataError(
-                f"{path}: {header.count(col)} columns are named {col!r}; rename or drop the extra"
-            )
-    if len(frame) == 0:
+    advance = progress(progress_desc, path.stat().st_size) if progress else None
+    cols = read_columns(path, fmt, text_column, label_column, rows=chunk_rows, advance=advance)
+    if len(cols.texts) == 0:
         raise DataError(f"{path}: no rows")
-    texts_raw = frame[text_column].tolist()
-    labels_raw = frame[label_column].tolist()
+    texts_raw, labels_raw = cols.texts, cols.labels
+    # Fast path (millions of rows): every label a non-blank plain string, every text a
+    # non-blank plain string; anything else goes through the row-by-row checks below.
+    try:
+        distinct: set[Any] | None = set(labels_raw)
+    except TypeError:  # an object or array label: named by the checks below
+        distinct = None
+    fast = distinct is not None and all(type(v) is str and v and not v.isspace() for v in distinct)
     # Row numbers as a person sees them: data row 1 is line 2 of a CSV with a header.
-    bad_labels = [i + 1 for i, v in enumerate(labels_raw) if _blank(v)]
-    if bad_labels:
+    if not fast:
+        bad_labels = [i + 1 for i, v in enumerate(labels_raw) if _blank(v)]
+        if bad_labels:
+            raise DataError(
+                f"{path}: label column {label_column!r} is blank or NaN in {len(bad_labels)} rows "
+                f"(first: data row {bad_labels[0]})"
+            )
+    if not all(type(v) is str and v and not v.isspace() for v in texts_raw):
+        _check_texts(path, texts_raw, text_column)
+    if not fast:
+        _check_scalar_labels(path, labels_raw, label_column)
+    if fast and distinct is not None:
+        names = {v: _label_str(v) for v in distinct}
+        labels = labels_raw if all(k is n for k, n in names.items()) else [names[v] for v in labels_raw]
+        missing = any(n.lower() in MISSING_LIKE for n in names.values())
+        warnings = _missing_like_warnings(labels, label_column) if missing else []
+    else:
+        labels = [_label_str(v) for v in labels_raw]
+        warnings = _missing_like_warnings(labels, label_column)
+    classes = sorted(set(labels))
+    if len(classes) < min_classes:
         raise DataError(
-            f"{path}: label column {label_column!r} is blank or NaN in {len(bad_labels)} rows "
-            f"(first: data row {bad_labels[0]})"
+            f"{path}: label column {label_column!r} has only one class ({classes[0]!r}); a classifier needs at least two"
         )
+    return LabelledData(
+        texts=texts_raw,  # all str (checked above): no copy
+        labels=labels,
+        source={
+            "file": path.name,
+            "format": fmt,
+            "sha256": str(sha256_file(path)),
+            "rows": len(labels),
+            "text_column": text_column,
+            "label_column": label_column,
+        },
+        warnings=warnings,
+    )
+
+
+def _check_texts(path: Path, texts_raw: list[Any], text_column: str) -> None:
     bad_texts = [i + 1 for i, v in enumerate(texts_raw) if _blank(v)]
     if bad_texts:
         raise DataError(
             f"{path}: text column {text_column!r} is blank in {len(bad_texts)} rows (first: data row {bad_texts[0]})"
         )
-    not_text = [i + 1 for i, v in enumerate(texts_raw) if not isinstance(v, str) or isinstance(v, _Number)]
+    not_text = [i + 1 for i, v in enumerate(texts_raw) if not isinstance(v, str) or isinstance(v, Number)]
     if not_text:
         raise DataError(
             f"{path}: text column {text_column!r} holds non-text values (first: data row {not_text[0]})"
         )
+
+
+def _check_scalar_labels(path: Path, labels_raw: list[Any], label_column: str) -> None:
     not_scalar = [(i + 1, v) for i, v in enumerate(labels_raw) if not isinstance(v, str | int | float | bool)]
     if not_scalar:
         row, value = not_scalar[0]
@@ -227,26 +181,6 @@ def load_labelled(
             f"{path}: label column {label_column!r} holds {kind} in {len(not_scalar)} rows "
             f"(first: data row {row}); a label is a string, number or boolean"
         )
-    labels = [_label_str(v) for v in labels_raw]
-    warnings = _missing_like_warnings(labels, label_column)
-    classes = sorted(set(labels))
-    if len(classes) < min_classes:
-        raise DataError(
-            f"{path}: label column {label_column!r} has only one class ({classes[0]!r}); a classifier needs at least two"
-        )
-    return LabelledData(
-        texts=[str(t) for t in texts_raw],
-        labels=labels,
-        source={
-            "file": path.name,
-            "format": fmt,
-            "sha256": str(sha256_file(path)),
-            "rows": len(labels),
-            "text_column": text_column,
-            "label_column": label_column,
-        },
-        warnings=warnings,
-    )
 
 
 def _label_str(value: Any) -> str:
@@ -285,39 +219,44 @@ def stratified_split(data: LabelledData, fraction: float, *, seed: int) -> tuple
     if not 0 < fraction < 1:
         raise DataError(f"eval split must be between 0 and 1, got {fraction}")
     rng = random.Random(seed)
-    by_class: dict[str, list[int]] = {}
+    # Compact bookkeeping (issue 10 item 19: millions of rows): index arrays, a held-out mask.
+    by_class: dict[str, array[int]] = {}
     for i, lab in enumerate(data.labels):
-        by_class.setdefault(lab, []).append(i)
-    held: set[int] = set()
+        idx = by_class.get(lab)
+        if idx is None:
+            idx = by_class[lab] = array("q")
+        idx.append(i)
+    held = bytearray(len(data))
+    n_held = 0
     for idx in by_class.values():
-        rng.shuffle(idx)
+        rng.shuffle(idx)  # the same permutation as on a list, for a given seed
         n = round(len(idx) * fraction)
         if len(idx) >= 2:
             n = min(max(n, 1), len(idx) - 1)
         else:
             n = 0
-        held.update(idx[:n])
-    train_idx = [i for i in range(len(data)) if i not in held]
-    eval_idx = sorted(held)
+        for i in idx[:n]:
+            held[i] = 1
+        n_held += n
+    n_classes = len(by_class)
+    del by_class
 
     warnings = []
-    if len(eval_idx) > SPLIT_WARN_FACTOR * fraction * len(data) and len(eval_idx) > 1:
+    if n_held > SPLIT_WARN_FACTOR * fraction * len(data) and n_held > 1:
         warnings.append(
-            f"the eval split holds out {len(eval_idx)} of {len(data)} rows "
-            f"({len(eval_idx) / len(data):.0%}, not {fraction:.0%}): each of the {len(by_class)} classes "
+            f"the eval split holds out {n_held} of {len(data)} rows "
+            f"({n_held / len(data):.0%}, not {fraction:.0%}): each of the {n_classes} classes "
             "keeps at least one eval row; pass --eval-data or add rows per class"
         )
 
-    def take(ix: list[int], part: str, notes: list[str]) -> LabelledData:
-        return LabelledData(
-            [data.texts[i] for i in ix],
-            [data.labels[i] for i in ix],
-            {**data.source, "split": part, "rows": len(ix)},
-            notes,
-        )
+    def take(mask: bytearray, part: str, notes: list[str]) -> LabelledData:
+        texts = list(compress(data.texts, mask))
+        labels = list(compress(data.labels, mask))
+        return LabelledData(texts, labels, {**data.source, "split": part, "rows": len(texts)}, notes)
 
-    return take(train_idx, f"train ({1 - fraction:.0%})", []), take(
-        eval_idx, f"eval ({fraction:.0%}, seed {seed})", warnings
+    kept = held.translate(bytes([1, 0]) + bytes(254))  # 1 for a training row
+    return take(kept, f"train ({1 - fraction:.0%})", []), take(
+        held, f"eval ({fraction:.0%}, seed {seed})", warnings
     )
 
 
@@ -329,12 +268,21 @@ def load_train_eval(
     eval_path: str | Path | None = None,
     eval_split: float = 0.1,
     seed: int = 0,
+    progress: ReadProgress | None = None,
 ) -> tuple[LabelledData, LabelledData, LabelledData]:
-    """(full, train, eval): the eval rows from their own file, or a stratified split of ``path``."""
-    full = load_labelled(path, text_column=text_column, label_column=label_column)
+    """(full, train, eval): the eval rows from their own file, or a stratified split of ``path``.
+    ``progress``: see ``load_labelled`` ("reading data", then "reading eval data")."""
+    full = load_labelled(path, text_column=text_column, label_column=label_column, progress=progress)
     if eval_path is not None:
         train = full
-        held = load_labelled(eval_path, text_column=text_column, label_column=label_column, min_classes=1)
+        held = load_labelled(
+            eval_path,
+            text_column=text_column,
+            label_column=label_column,
+            min_classes=1,
+            progress=progress,
+            progress_desc="reading eval data",
+        )
     else:
         train, held = stratified_split(full, eval_split, seed=seed)
     if len(held) == 0:
