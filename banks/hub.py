@@ -45,9 +45,9 @@ from scaler_wizard.errors import (
     did_you_mean,
 )
 from scaler_wizard.manifests import validate_manifest
-from scaler_wizard.manifests.history import history, next_version, resolve_version
 from scaler_wizard.manifests.validation import parse_manifest_bytes
 from scaler_wizard.version import __version__
+from scaler_wizard.versions.history import history, next_version, resolve_version
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -125,7 +125,7 @@ def bank_files_in(paths: list[str]) -> dict[str, str]:
 def objects_of(store: ContentStore, manifest: dict[str, Any]) -> list[tuple[str, BankHash]]:
     """``(field, object)`` for every object a version needs: ``banks_of`` plus folder-bank members
     (read from the tree objects ``store`` holds)."""
-    from scaler_wizard.verify import banks_of
+    from scaler_wizard.modeling.verify import banks_of
 
     out: list[tuple[str, BankHash]] = []
     seen: set[str] = set()
@@ -483,14 +483,14 @@ def _now() -> str:
 
 
 def _trunk_id(manifest: dict[str, Any]) -> str:
-    from scaler_wizard.compose import trunk_id
+    from scaler_wizard.modeling.compose import trunk_id
 
     return trunk_id(manifest)
 
 
 def _trunk_ids(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The trunk's id under every scheme a branch may have recorded (docs/manifests.md)."""
-    from scaler_wizard.bank_checks import trunk_ids
+    from scaler_wizard.modeling.bank_checks import trunk_ids
 
     return trunk_ids(manifest)
 
@@ -716,7 +716,7 @@ def _fetch_objects(
     say: Progress,
 ) -> list[BankHash]:
     """Download every object of ``target`` the store lacks and verify it into ``stage``."""
-    from scaler_wizard.verify import banks_of
+    from scaler_wizard.modeling.verify import banks_of
 
     label = source.label
     index = bank_files_in(list(source.files))
@@ -778,7 +778,7 @@ def _have(store: ContentStore, h: BankHash) -> bool:
 
 
 def _check_complete(store: ContentStore, h: BankHash, label: str) -> None:
-    from scaler_wizard.verify import verify_version
+    from scaler_wizard.modeling.verify import verify_version
 
     bad = [c for c in verify_version(store, h, trust_cache=True) if not c.ok]
     if bad:

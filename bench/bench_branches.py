@@ -47,7 +47,7 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
 def build_ours(root: Path, names: list[str]) -> Any:
     """A stored model with ``names`` branches, composed back from the store (branches loaded)."""
     from scaler_wizard.banks import ContentStore
-    from scaler_wizard.compose import compose, init_model, new_branch, save_version
+    from scaler_wizard.modeling.compose import compose, init_model, new_branch, save_version
 
     store = ContentStore.open(root, create=True)
     init_model(store, "bench")

@@ -48,7 +48,7 @@ t0 = time.perf_counter()
 import torch
 torch.set_num_threads({threads})
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.compose import compose
+from scaler_wizard.modeling.compose import compose
 t1 = time.perf_counter()
 texts = json.load(open({texts!r}))
 model = compose(ContentStore.open({store!r}), "bench")
@@ -85,7 +85,7 @@ def prepare_store(root: Path, texts: list[str]) -> dict[str, Any]:
     import torch
 
     from scaler_wizard.banks import ContentStore
-    from scaler_wizard.compose import compose, init_model, new_branch, save_version
+    from scaler_wizard.modeling.compose import compose, init_model, new_branch, save_version
 
     t0 = time.perf_counter()
     store = ContentStore.open(root, create=True)

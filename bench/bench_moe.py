@@ -1,6 +1,6 @@
 """Benchmark 1: one MoE layer (8 experts, top-2) vs a dense FFN with the same active FLOPs.
 
-Ours: ``scaler_wizard.compose.new_trunk_layer(hidden_size=384)`` -> MoELayer + TopKGating
+Ours: ``scaler_wizard.modeling.compose.new_trunk_layer(hidden_size=384)`` -> MoELayer + TopKGating
 (8 experts, k=2, expert width 768 = the library default 2 x hidden), output weights set to
 random values (a fresh layer has w_out = 0), eval mode, ``torch.inference_mode``.
 
@@ -43,7 +43,7 @@ class DenseFFNBlock(nn.Module):
 
 def build_moe(seed: int = 0) -> nn.Module:
     """The library's layer, as the trunk builds it, with non-zero (random) output weights."""
-    from scaler_wizard.compose import new_trunk_layer
+    from scaler_wizard.modeling.compose import new_trunk_layer
 
     torch.manual_seed(seed)
     layer = new_trunk_layer(

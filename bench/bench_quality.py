@@ -36,10 +36,10 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.branch_training import BranchTrainingConfig, predict_logits, train_branch
-from scaler_wizard.compose import compose, init_model, new_branch, trunk_id
+from scaler_wizard.caches.features import cached_features
 from scaler_wizard.errors import ScalerError
-from scaler_wizard.features import cached_features
+from scaler_wizard.modeling.compose import compose, init_model, new_branch, trunk_id
+from scaler_wizard.training.branch_fit import BranchTrainingConfig, predict_logits, train_branch
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("attn-mlp", "lora")

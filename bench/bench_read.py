@@ -5,8 +5,8 @@ process and reports the child's peak RSS (``ru_maxrss``), the time from the call
 progress callback (the old reader had none: its first progress was the feature pass, after
 the whole read) and the total read time.
 
-Cases: ``ours`` is the installed ``scaler_wizard.data``; ``--old FILE`` adds a ``reference``
-case loaded from another copy of ``data.py`` (e.g. ``git show HEAD~1:core/data.py > /tmp/old.py``).
+Cases: ``ours`` is the installed ``scaler_wizard.training.data``; ``--old FILE`` adds a ``reference``
+case loaded from another copy of ``data.py`` (e.g. ``git show HEAD~1:core/training/data.py > /tmp/old.py``).
 The CSV is generated under /tmp (``--mb`` MB, default 200, ~13 k rows per MB) unless ``--csv``
 names one. Results: a table on stdout and ``bench/results/read.json``.
 
@@ -49,7 +49,7 @@ def make_csv(path: Path, mb: int) -> None:
 def child(module: str, csv_path: str) -> None:
     """Runs in a fresh process: one read, a JSON line on stdout."""
     if module == "ours":
-        from scaler_wizard import data as mod
+        from scaler_wizard.training import data as mod
     else:
         spec = importlib.util.spec_from_file_location("old_data", module)
         assert spec and spec.loader

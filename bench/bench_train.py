@@ -58,8 +58,8 @@ def train_once(
     store: Any, model: str, files: dict[str, Path], run_dir: Path, **config: Any
 ) -> dict[str, Any]:
     """One ``scaler train`` run in this process; returns its summary and per-step times."""
-    from scaler_wizard.train_config import BranchSpec, TrainConfig
-    from scaler_wizard.trunk_training import make_accelerator, plan_run, start_run, train_run
+    from scaler_wizard.training.config import BranchSpec, TrainConfig
+    from scaler_wizard.training.loop import make_accelerator, plan_run, start_run, train_run
 
     cfg = TrainConfig(**config)
     plan = plan_run(store, model, [BranchSpec(n, p) for n, p in files.items()], cfg)
@@ -85,11 +85,11 @@ def train_once(
 
 def run(*, quick: bool, threads: int) -> BenchResult:
     from scaler_wizard.banks import ContentStore
-    from scaler_wizard.base_states import cached_states
-    from scaler_wizard.branch_add import DataSpec, add_branch
-    from scaler_wizard.compose import compose, init_model
-    from scaler_wizard.train_config import BranchSpec, TrainConfig
-    from scaler_wizard.trunk_training import load_branch_data
+    from scaler_wizard.caches.base_states import cached_states
+    from scaler_wizard.modeling.compose import compose, init_model
+    from scaler_wizard.training.branch_add import DataSpec, add_branch
+    from scaler_wizard.training.config import BranchSpec, TrainConfig
+    from scaler_wizard.training.loop import load_branch_data
 
     rows = 300 if quick else None  # full: every row of both datasets
     steps = 30 if quick else 500

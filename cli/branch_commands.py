@@ -22,7 +22,7 @@ def list_branches(
     """Branches of a model: strategy, classes, accuracy, size."""
     from scaler_wizard.cli.model_commands import branch_table
     from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.manifests.history import resolve_version
+    from scaler_wizard.versions.history import resolve_version
 
     store = open_store()
     _, h = resolve_version(store, model)
@@ -55,7 +55,7 @@ def show_branch(
 ) -> None:
     """Everything the manifest says about one branch."""
     from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.manifests.history import resolve_version
+    from scaler_wizard.versions.history import resolve_version
 
     store = open_store()
     _, h = resolve_version(store, model)
@@ -131,7 +131,7 @@ def remove_branch(
     branch: Annotated[str, typer.Argument(help="Branch to remove.")],
 ) -> None:
     """Remove a branch: a new version without it (its banks stay reachable from history)."""
-    from scaler_wizard.compose import compose, save_version
+    from scaler_wizard.modeling.compose import compose, save_version
 
     store = open_store()
     m = compose(store, model)
@@ -223,9 +223,9 @@ def add(
     strategy_options = _json_config(strategy_config, "--strategy-config", rank=rank)
     head_options = _json_config(head_config, "--head-config")
     # -- progress (item 16): plain lines off a terminal, see cli/branch_progress.py --
-    from scaler_wizard.branch_add import DataSpec, add_branch
-    from scaler_wizard.branch_training import BranchTrainingConfig
     from scaler_wizard.cli.branch_progress import BranchProgress
+    from scaler_wizard.training.branch_add import DataSpec, add_branch
+    from scaler_wizard.training.branch_fit import BranchTrainingConfig
 
     store = open_store()
     cfg = BranchTrainingConfig(

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from scaler_wizard.data import summarize_counts
+from scaler_wizard.training.data import summarize_counts
 
 #: plain mode prints a line each time a pass crosses another tenth of its rows
 PLAIN_STEPS = 10

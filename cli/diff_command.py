@@ -190,7 +190,7 @@ def diff(
     """What changed from version A to version B: branches, banks, plugin configs, metrics."""
     from scaler_wizard.errors import ScalerError
     from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.manifests.history import resolve_version
+    from scaler_wizard.versions.history import resolve_version
 
     store = open_store()
     name_a, ha = resolve_version(store, a)

@@ -25,10 +25,10 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Score a branch on labelled data through the whole model (base, trunk, branch)."""
-    from scaler_wizard.compose import compose
-    from scaler_wizard.data import load_labelled
     from scaler_wizard.errors import DataError
-    from scaler_wizard.metrics import classification_metrics
+    from scaler_wizard.modeling.compose import compose
+    from scaler_wizard.training.data import load_labelled
+    from scaler_wizard.training.metrics import classification_metrics
 
     dataset = load_labelled(data, text_column=text_column, label_column=label_column, min_classes=1)
     store = open_store()

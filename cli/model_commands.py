@@ -50,8 +50,8 @@ def init(
 ) -> None:
     """Create a model: bank the base, add a fresh MoE trunk (identity at first), version 1."""
     from scaler_wizard.cli.branch_commands import _json_config
-    from scaler_wizard.compose import init_model
     from scaler_wizard.errors import PluginError
+    from scaler_wizard.modeling.compose import init_model
     from scaler_wizard.plugin_manager import get_registry
 
     gating_options = _json_config(gating_config, "--gating-config") or {}
@@ -116,7 +116,7 @@ def show(
 ) -> None:
     """Describe a model version: base, trunk, branches."""
     from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.manifests.history import resolve_version
+    from scaler_wizard.versions.history import resolve_version
 
     store = open_store()
     name, h = resolve_version(store, model)
@@ -184,9 +184,9 @@ def verify(
     write the store can rewrite together with a bank: run verify to check a store you did not
     write yourself (copied, unpacked, shared). See docs/store.md.
     """
-    from scaler_wizard.manifests.history import history as walk
-    from scaler_wizard.manifests.history import resolve_version
-    from scaler_wizard.verify import verify_version
+    from scaler_wizard.modeling.verify import verify_version
+    from scaler_wizard.versions.history import history as walk
+    from scaler_wizard.versions.history import resolve_version
 
     store = open_store()
     name, h = resolve_version(store, model)
@@ -199,7 +199,7 @@ def verify(
         seen.update(c.bank for c in checks if c.ok)
         results.append((vh, checks))
     if deep and not any(not c.ok for _, checks in results for c in checks):
-        from scaler_wizard.verify import verify_fingerprints
+        from scaler_wizard.modeling.verify import verify_fingerprints
 
         results.append((h, verify_fingerprints(store, h)))
     bad = [(vh, c) for vh, checks in results for c in checks if not c.ok]
@@ -239,7 +239,7 @@ def history(
 ) -> None:
     """Versions from the current one back to the first."""
     from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.manifests.history import history as walk
+    from scaler_wizard.versions.history import history as walk
 
     store = open_store()
     head = store.resolve(model)
@@ -292,7 +292,7 @@ def rollback(
     version: Annotated[str, typer.Argument(help="Version number (3 or v3) or manifest hash (prefix).")],
 ) -> None:
     """Point the model back at an earlier version (moves the ref; nothing is deleted)."""
-    from scaler_wizard.manifests.history import rollback as do_rollback
+    from scaler_wizard.versions.history import rollback as do_rollback
 
     store = open_store()
     before = store.resolve(model)

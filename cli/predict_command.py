@@ -46,7 +46,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Label texts with one or more branches (label + confidence)."""
-    from scaler_wizard.compose import compose
+    from scaler_wizard.modeling.compose import compose
 
     if not branch and not all_branches:
         raise typer.BadParameter("name a branch with --branch B (repeatable) or use --all-branches")

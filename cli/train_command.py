@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from scaler_wizard.cli.state import err, open_store, out, print_json
-from scaler_wizard.train_events import TrainEvents
+from scaler_wizard.training.events import TrainEvents
 
 
 def register(app: typer.Typer) -> None:
@@ -72,13 +72,13 @@ def train(
 
     Runs as is on one process, and under `accelerate launch` on several (see docs/training.md).
     """
-    from scaler_wizard.train_config import (
+    from scaler_wizard.training.config import (
         TrainConfigError,
         build_config,
         load_config_file,
         parse_branch_option,
     )
-    from scaler_wizard.trunk_training import (
+    from scaler_wizard.training.loop import (
         make_accelerator,
         plan_run,
         read_plan,
@@ -275,7 +275,7 @@ def report(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Plot a training run: loss curves, per-branch accuracy, expert-utilisation heatmap (PNG)."""
-    from scaler_wizard.run_report import render_report
+    from scaler_wizard.training.report import render_report
 
     paths = render_report(run, out_dir)
     if as_json:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# Imported eagerly: a lazy ``compose`` would be shadowed by the submodule of the same name
-# as soon as anything imported ``scaler_wizard.compose``.
-from scaler_wizard.compose import compose, init_model, new_branch, new_trunk_layer, save_version
 from scaler_wizard.hookspecs import HOOKSPEC_VERSION, hookimpl, hookspec
+
+# Imported eagerly: a lazy ``compose`` would be shadowed by the submodule of the same name
+# as soon as anything imported ``scaler_wizard.modeling.compose``.
+from scaler_wizard.modeling.compose import compose, init_model, new_branch, new_trunk_layer, save_version
 from scaler_wizard.version import __version__
 
 if TYPE_CHECKING:

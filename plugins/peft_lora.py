@@ -71,7 +71,7 @@ class PeftLoRA(BranchAdapter):
         return folder
 
     def import_folder(self, base: Any, branch: str, folder: Path) -> None:
-        # Loaded through scaler_wizard.peft_safety's allow-lists (never PEFT's .bin fallback);
+        # Loaded through scaler_wizard.modeling.peft_safety's allow-lists (never PEFT's .bin fallback);
         # the folder's own LoRA settings must be the ones the manifest's strategy entry states.
         base.load_peft_adapter(branch, folder, expect=self.lora_args())
 

@@ -35,7 +35,7 @@ def build_demo(root: Path) -> None:
     import torch
 
     from scaler_wizard.banks import ContentStore
-    from scaler_wizard.compose import compose, init_model, new_branch, save_version
+    from scaler_wizard.modeling.compose import compose, init_model, new_branch, save_version
 
     store = ContentStore.open(root, create=True)
     torch.manual_seed(0)

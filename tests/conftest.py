@@ -44,7 +44,7 @@ def session_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     The branches have random (non-zero) weights so their logits are distinct and non-trivial.
     """
-    from scaler_wizard.compose import compose, init_model, new_branch, save_version
+    from scaler_wizard.modeling.compose import compose, init_model, new_branch, save_version
 
     root = tmp_path_factory.mktemp("session") / "store"
     store = ContentStore.open(root, create=True)

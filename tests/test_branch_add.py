@@ -23,12 +23,12 @@ from conftest import DATA, _copy_store
 from torch import Tensor
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.branch_add import BranchAddResult, DataSpec, add_branch
-from scaler_wizard.branch_training import BranchTrainingConfig
-from scaler_wizard.compose import compose, init_model
+from scaler_wizard.caches.features import cache_dir
 from scaler_wizard.errors import BranchNotFoundError
-from scaler_wizard.features import cache_dir
-from scaler_wizard.model import ScalerModel
+from scaler_wizard.modeling.compose import compose, init_model
+from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.training.branch_add import BranchAddResult, DataSpec, add_branch
+from scaler_wizard.training.branch_fit import BranchTrainingConfig
 
 SMS = DATA / "samples" / "sms_spam_small.csv"
 OLD = ["spam", "topic"]

@@ -26,10 +26,10 @@ from conftest import DATA, SCALER, _copy_store, run_scaler
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.atomic import TMP_PREFIX
-from scaler_wizard.compose import compose
-from scaler_wizard.features import cache_dir
-from scaler_wizard.model import ScalerModel
-from scaler_wizard.verify import verify_fingerprints, verify_version
+from scaler_wizard.caches.features import cache_dir
+from scaler_wizard.modeling.compose import compose
+from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.modeling.verify import verify_fingerprints, verify_version
 
 pytestmark = pytest.mark.slow
 

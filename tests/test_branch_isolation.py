@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.store import TREE_FORMAT, canonical_json
-from scaler_wizard.compose import compose, new_branch, save_version
 from scaler_wizard.errors import IntegrityError
+from scaler_wizard.modeling.compose import compose, new_branch, save_version
 
 # different lengths, so padding and attention masks matter
 TEXTS = [

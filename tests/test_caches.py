@@ -25,15 +25,15 @@ from train_helpers import TREC, copy_store, one_thread, tiny_template  # noqa: F
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.safetensors_bank import load_bank_tensors
-from scaler_wizard.base_states import cache_dir as states_dir
-from scaler_wizard.base_states import cached_states
-from scaler_wizard.bound_cache import write_bound
-from scaler_wizard.branch_add import DataSpec, add_branch
-from scaler_wizard.branch_training import BranchTrainingConfig
-from scaler_wizard.compose import compose, trunk_id
+from scaler_wizard.caches.base_states import cache_dir as states_dir
+from scaler_wizard.caches.base_states import cached_states
+from scaler_wizard.caches.bound_cache import write_bound
+from scaler_wizard.caches.features import cache_dir as features_dir
+from scaler_wizard.caches.features import feature_key
 from scaler_wizard.errors import ScalerError
-from scaler_wizard.features import cache_dir as features_dir
-from scaler_wizard.features import feature_key
+from scaler_wizard.modeling.compose import compose, trunk_id
+from scaler_wizard.training.branch_add import DataSpec, add_branch
+from scaler_wizard.training.branch_fit import BranchTrainingConfig
 
 SMS = DATA / "samples" / "sms_spam_small.csv"
 FAST = BranchTrainingConfig(epochs=3)
@@ -330,8 +330,8 @@ SMALL = {"steps": 2, "batch_size": 16, "eval_every": 2, "checkpoint_every": 2, "
 
 
 def _train(store: ContentStore, run_dir: Path, **cfg: Any) -> Any:
-    from scaler_wizard.train_config import BranchSpec, TrainConfig
-    from scaler_wizard.trunk_training import make_accelerator, plan_run, start_run, train_run
+    from scaler_wizard.training.config import BranchSpec, TrainConfig
+    from scaler_wizard.training.loop import make_accelerator, plan_run, start_run, train_run
 
     config = TrainConfig(**{**SMALL, **cfg})
     plan = plan_run(store, "tiny", [BranchSpec("spam", TRAIN_SMS), BranchSpec("trec", TREC)], config)
@@ -366,7 +366,7 @@ def test_flipped_bytes_in_base_state_cache_train_the_same_trunk(
 
 
 def _nan_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    import scaler_wizard.features as features
+    import scaler_wizard.caches.features as features
 
     real = features.compute_pooled
 
@@ -386,7 +386,7 @@ def _nan_loss(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _inf_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     """A head weight that the loss never sees is infinite (the loss stays finite)."""
-    import scaler_wizard.branch_add as branch_add
+    import scaler_wizard.training.branch_add as branch_add
 
     real = branch_add.new_branch
 
@@ -414,7 +414,7 @@ def test_branch_add_refuses_non_finite_and_saves_nothing(
 
 
 def _train_nan_loss(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scaler_wizard.trunk_training import MultiTaskModule
+    from scaler_wizard.training.loop import MultiTaskModule
 
     real = MultiTaskModule.forward
 
@@ -427,7 +427,7 @@ def _train_nan_loss(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _train_inf_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     """After the last step (at the final evaluation) one trunk weight becomes infinite."""
-    import scaler_wizard.trunk_training as tt
+    import scaler_wizard.training.loop as tt
 
     real = tt.evaluate
     calls: list[int] = []

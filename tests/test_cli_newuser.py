@@ -144,7 +144,7 @@ def test_epoch_total_follows_steps_and_a_cache_hit_is_reported(store_path: Path,
         epochs = [line for line in proc.stderr.splitlines() if line.startswith("training: epoch ")]
         assert [e.split(":")[1] for e in epochs] == [" epoch 1/2", " epoch 2/2"]
     assert "trunk features: from cache" in proc.stderr
-    # a cache hit is counted in one step (core/features.py), not row by row
+    # a cache hit is counted in one step (core/caches/features.py), not row by row
     assert len(re.findall(r"trunk features: \d+/200 rows", proc.stderr)) <= 1, proc.stderr
 
 
@@ -211,8 +211,8 @@ def test_init_takes_a_gating_config(tmp_path: Path) -> None:
 
 def test_predict_json_never_prints_a_bare_nan(store_path: Path, tmp_path: Path) -> None:
     """A branch whose scores are NaN: either valid JSON with null, or a one-line refusal."""
-    from scaler_wizard.compose import compose, new_branch, save_version
     from scaler_wizard.errors import ScalerError
+    from scaler_wizard.modeling.compose import compose, new_branch, save_version
 
     store = ContentStore.open(store_path)
     model = compose(store, "demo")

@@ -18,9 +18,9 @@ import torch
 from conftest import DATA, SCALER
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.compose import compose, new_branch, save_version
 from scaler_wizard.errors import ConflictError
-from scaler_wizard.manifests.history import history
+from scaler_wizard.modeling.compose import compose, new_branch, save_version
+from scaler_wizard.versions.history import history
 
 SMS = DATA / "samples" / "sms_spam_small.csv"
 TREC = DATA / "samples" / "trec_small.csv"

@@ -23,17 +23,17 @@ import pytest
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.atomic import TMP_PREFIX
-from scaler_wizard.compose import compose
 from scaler_wizard.manifests import validate_manifest
-from scaler_wizard.manifests.history import history
-from scaler_wizard.verify import verify_version
+from scaler_wizard.modeling.compose import compose
+from scaler_wizard.modeling.verify import verify_version
+from scaler_wizard.versions.history import history
 
 WRITER = textwrap.dedent(
     """
     import os, sys
     import torch
     from scaler_wizard.banks import ContentStore
-    from scaler_wizard.compose import compose, save_version
+    from scaler_wizard.modeling.compose import compose, save_version
 
     store = ContentStore.open(sys.argv[1])
     model = compose(store, "demo")

@@ -20,8 +20,8 @@ import torch
 from conftest import DATA, run_scaler
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.data import load_labelled
 from scaler_wizard.errors import DataError
+from scaler_wizard.training.data import load_labelled
 
 SMS = DATA / "samples" / "sms_spam_small.csv"
 TREC = DATA / "samples" / "trec_small.csv"
@@ -491,7 +491,7 @@ def test_invalid_utf8_names_the_byte_in_the_file(fmt: str, at: int, tmp_path: Pa
 
 def test_a_character_across_read_chunks_is_valid_utf8(tmp_path: Path) -> None:
     """A multi-byte character split by the 1 MiB read chunk is not an error."""
-    from scaler_wizard import data as data_module
+    from scaler_wizard.training import data as data_module
 
     prefix = b"text,label\nhello,ham\n"
     path = tmp_path / "d.csv"

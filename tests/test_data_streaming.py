@@ -18,9 +18,9 @@ import pytest
 from conftest import DATA, run_scaler
 from test_data import _utf8_case
 
-from scaler_wizard.data import LabelledData, load_labelled, load_train_eval
-from scaler_wizard.data_readers import CHUNK_ENV
 from scaler_wizard.errors import DataError
+from scaler_wizard.training.data import LabelledData, load_labelled, load_train_eval
+from scaler_wizard.training.readers import CHUNK_ENV
 
 SAMPLES = sorted((DATA / "samples").glob("*.csv"))
 ONE_CHUNK = 10**9

@@ -12,14 +12,14 @@ import torch
 from conftest import run_scaler
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.manifests.history import resolve_version
+from scaler_wizard.versions.history import resolve_version
 
 
 @pytest.fixture
 def versions(store: ContentStore) -> dict[str, Any]:
     """demo v3: + trec, - topic; v4: spam's head retrained (new bank, new accuracy);
     model `other` v1: the same trunk shape with topk k=1."""
-    from scaler_wizard.compose import compose, init_model, new_branch, save_version
+    from scaler_wizard.modeling.compose import compose, init_model, new_branch, save_version
 
     model = compose(store, "demo")
     torch.manual_seed(3)
@@ -66,7 +66,7 @@ def test_diff_shows_metric_deltas_and_plugin_configs(
     versions: dict[str, Any], store: ContentStore, scaler_env: dict[str, str]
 ) -> None:
     # v4 -> a v5 whose spam metrics moved: a numeric change carries its delta
-    from scaler_wizard.compose import compose, save_version
+    from scaler_wizard.modeling.compose import compose, save_version
 
     model = compose(store, "demo")
     model.branch("spam").entry["metrics"] = {"accuracy": 0.8, "macro_f1": 0.5, "eval_rows": 20}

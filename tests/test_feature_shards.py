@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import DATA
 
-import scaler_wizard.features as features
+import scaler_wizard.caches.features as features
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.branch_add import DataSpec, add_branch
-from scaler_wizard.branch_training import BranchTrainingConfig
-from scaler_wizard.compose import compose, trunk_id
-from scaler_wizard.feature_shards import ShardedRows, rows_tensor
-from scaler_wizard.features import cache_dir as features_dir
+from scaler_wizard.caches.feature_shards import ShardedRows, rows_tensor
+from scaler_wizard.caches.features import cache_dir as features_dir
+from scaler_wizard.modeling.compose import compose, trunk_id
+from scaler_wizard.training.branch_add import DataSpec, add_branch
+from scaler_wizard.training.branch_fit import BranchTrainingConfig
 
 SMS = DATA / "samples" / "sms_spam_small.csv"
 FAST = BranchTrainingConfig(epochs=3)

@@ -20,9 +20,9 @@ from safetensors.torch import save as st_save
 
 from scaler_wizard.banks import BankHash, ContentStore, encode_bank
 from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
-from scaler_wizard.compose import compose
 from scaler_wizard.errors import IntegrityError, ScalerError, StoreError
-from scaler_wizard.verify import banks_of, verify_version
+from scaler_wizard.modeling.compose import compose
+from scaler_wizard.modeling.verify import banks_of, verify_version
 
 FUZZ = settings(
     max_examples=200,

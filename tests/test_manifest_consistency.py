@@ -26,17 +26,17 @@ import pytest
 import torch
 from conftest import _copy_store, _perturb, run_scaler
 
-from scaler_wizard.bank_checks import (
+from scaler_wizard.banks import BankHash, ContentStore, encode_bank
+from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
+from scaler_wizard.errors import ScalerError
+from scaler_wizard.manifests import validate_manifest
+from scaler_wizard.modeling.bank_checks import (
     head_meta,
     legacy_trunk_id,
     trunk_id,
 )
-from scaler_wizard.banks import BankHash, ContentStore, encode_bank
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
-from scaler_wizard.compose import compose, new_branch, save_version
-from scaler_wizard.errors import ScalerError
-from scaler_wizard.manifests import validate_manifest
-from scaler_wizard.verify import verify_version
+from scaler_wizard.modeling.compose import compose, new_branch, save_version
+from scaler_wizard.modeling.verify import verify_version
 
 Manifest = dict[str, Any]
 PROBE = ["win a free cruise now", "what is the capital of France?", "see you at lunch"]
@@ -371,7 +371,7 @@ def test_resaving_an_old_model_keeps_its_trunk(twins: ContentStore) -> None:
 def test_a_config_with_extra_weights_in_the_bank_is_refused_by_load_base(twins: ContentStore) -> None:
     """Regression for ``unexpected_keys`` being ignored: 3 layers of config, 6 of weights.
     ``verify`` loads the base too, so a model with no branch to notice it is caught as well."""
-    from scaler_wizard.base_encoder import load_base
+    from scaler_wizard.modeling.base_encoder import load_base
 
     m = base_config({"num_hidden_layers": 3})(head_of(twins), twins)
     with pytest.raises(ScalerError) as info:
@@ -390,7 +390,7 @@ def test_pull_into_accepts_a_branch_recorded_with_the_old_trunk_id(twins: Conten
     from scaler_wizard.banks import hub
     from scaler_wizard.banks.store import canonical_json
     from scaler_wizard.errors import ConflictError
-    from scaler_wizard.manifests.history import find_version
+    from scaler_wizard.versions.history import find_version
 
     with twins.lock():
         twins.set_ref("local", find_version(twins, "demo", "2"), expected=None, reason="test")

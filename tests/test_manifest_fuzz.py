@@ -33,10 +33,10 @@ from conftest import _copy_store, run_scaler
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import canonical_json
-from scaler_wizard.compose import compose
 from scaler_wizard.errors import ManifestError, ScalerError
 from scaler_wizard.manifests import validate_manifest
 from scaler_wizard.manifests.validation import parse_manifest_bytes
+from scaler_wizard.modeling.compose import compose
 
 Manifest = dict[str, Any]
 N_MUTANTS = 1200
@@ -221,7 +221,7 @@ def run_all(store: ContentStore, spec: str) -> dict[str, torch.Tensor]:
 def fast_base(monkeypatch: pytest.MonkeyPatch) -> None:
     """Load each distinct base entry once (every mutant shares the same base bank)."""
     compose_module = importlib.import_module(
-        "scaler_wizard.compose"
+        "scaler_wizard.modeling.compose"
     )  # the package exports a function of that name
     real = compose_module.load_base
     memo: dict[bytes, Any] = {}

@@ -22,11 +22,11 @@ from conftest import run_scaler
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import validate_name
-from scaler_wizard.compose import compose
 from scaler_wizard.errors import ManifestError, PluginError, ScalerError
 from scaler_wizard.manifests import validate_manifest
 from scaler_wizard.manifests import validation as validation_module
 from scaler_wizard.manifests.validation import is_rfc3339, parse_manifest_bytes
+from scaler_wizard.modeling.compose import compose
 from scaler_wizard.plugin_manager import get_registry, install_hint
 
 Manifest = dict[str, Any]
@@ -337,7 +337,7 @@ def test_an_invalid_branch_is_refused_before_training(
     store: ContentStore, tmp_path: Path, monkeypatch: Any
 ) -> None:
     """A label of 1,001 characters fails the schema: refused before features or training start."""
-    import scaler_wizard.branch_add as branch_add
+    import scaler_wizard.training.branch_add as branch_add
 
     def must_not_run(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("training started for a branch that cannot be saved")

@@ -28,10 +28,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.compose import compose
 from scaler_wizard.errors import ManifestError, ScalerError
 from scaler_wizard.manifests import load_schema, validate_manifest
 from scaler_wizard.manifests.validation import field_path
+from scaler_wizard.modeling.compose import compose
 
 Manifest = dict[str, Any]
 ABSENT = "sha256:" + "0" * 64  # a well-formed bank name no store holds

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.compose import compose, new_branch, save_version
 from scaler_wizard.errors import BranchNotFoundError, ScalerError
-from scaler_wizard.model import ScalerModel
+from scaler_wizard.modeling.compose import compose, new_branch, save_version
+from scaler_wizard.modeling.model import ScalerModel
 from scaler_wizard.moe import MoELayer
 
 TEXTS = [
@@ -121,7 +121,7 @@ ROUND_TRIP = textwrap.dedent(
     import torch
     from safetensors.torch import save_file
     from scaler_wizard.banks import ContentStore
-    from scaler_wizard.compose import compose
+    from scaler_wizard.modeling.compose import compose
 
     store_path, out_path, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import ContentStore, encode_bank
-from scaler_wizard.compose import compose, new_trunk_layer
+from scaler_wizard.modeling.compose import compose, new_trunk_layer
 from scaler_wizard.moe import MoELayer, Routing, apply_capacity, load_balancing_loss
 from scaler_wizard.plugins.gating import SwitchConfig, SwitchGating, TopKConfig, TopKGating
 

@@ -24,10 +24,10 @@ from safetensors.torch import save as save_safetensors
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import TREE_FORMAT, canonical_json
-from scaler_wizard.compose import compose, new_branch, save_version
 from scaler_wizard.errors import IntegrityError
-from scaler_wizard.peft_safety import check_adapter_config
-from scaler_wizard.verify import verify_version
+from scaler_wizard.modeling.compose import compose, new_branch, save_version
+from scaler_wizard.modeling.peft_safety import check_adapter_config
+from scaler_wizard.modeling.verify import verify_version
 
 TEXTS = ["Free entry in a weekly competition, text WIN now", "Who wrote Hamlet?", "see you at 5"]
 OTHERS = ("spam", "topic")
@@ -327,7 +327,7 @@ def _legit_config(peft_root: Path) -> dict[str, Any]:
 def test_the_config_peft_writes_is_accepted_and_every_field_it_can_write_is_known(peft_root: Path) -> None:
     from peft import LoraConfig
 
-    from scaler_wizard import peft_safety
+    from scaler_wizard.modeling import peft_safety
 
     args = check_adapter_config(_legit_config(peft_root), where="x")
     assert args["r"] == 8 and sorted(args["target_modules"]) == ["query", "value"]
@@ -475,7 +475,7 @@ def test_peft_lora_settings_the_loader_would_refuse_are_refused_before_training(
     ids=["garbage", "bad-utf8", "huge", "deep", "list", "padded"],
 )
 def test_a_malformed_adapter_config_is_refused_with_one_line(tmp_path: Path, raw: bytes, needle: str) -> None:
-    from scaler_wizard.peft_safety import read_adapter_config
+    from scaler_wizard.modeling.peft_safety import read_adapter_config
 
     path = tmp_path / "adapter_config.json"
     path.write_bytes(raw)

@@ -10,8 +10,8 @@ import torch
 from conftest import DATA, run_scaler
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.compose import compose, new_branch, save_version
-from scaler_wizard.verify import verify_version
+from scaler_wizard.modeling.compose import compose, new_branch, save_version
+from scaler_wizard.modeling.verify import verify_version
 
 TEXTS = ["Free entry in a weekly competition, text WIN now", "Who wrote Hamlet?", "see you at 5"]
 

@@ -31,8 +31,8 @@ from scaler_wizard.banks import ContentStore
 from scaler_wizard.branch import BranchAdapter, Head, TrunkOutput
 from scaler_wizard.cli.app import app
 from scaler_wizard.cli.plugin_commands import plugin_report
-from scaler_wizard.compose import compose, init_model, new_branch, new_trunk_layer, save_version
 from scaler_wizard.errors import PluginError
+from scaler_wizard.modeling.compose import compose, init_model, new_branch, new_trunk_layer, save_version
 from scaler_wizard.moe import Gating, Routing, load_balancing_loss
 from scaler_wizard.plugin_manager import (
     DEFAULT_PLUGINS,

@@ -68,7 +68,7 @@ def test_the_readme_has_the_snippets_this_test_runs() -> None:
 
 def _store_with_readme_branches(store_path: Path) -> None:
     """The README's Python uses branches `spam` and `trec`: add a `trec` branch to `demo`."""
-    from scaler_wizard.compose import compose, new_branch, save_version
+    from scaler_wizard.modeling.compose import compose, new_branch, save_version
 
     store = ContentStore.open(store_path)
     model = compose(store, "demo")
@@ -108,7 +108,7 @@ def test_readme_python_block_runs_as_written(index: int, store_path: Path, tmp_p
 
 def test_predict_takes_one_text_and_one_branch_name(store: ContentStore) -> None:
     """A bare string is one text (not one per character) and one branch name (not `s`)."""
-    from scaler_wizard.compose import compose
+    from scaler_wizard.modeling.compose import compose
 
     model = compose(store, "demo")
     one = model.predict("Free entry! Text WIN now", "spam")
@@ -122,7 +122,7 @@ def test_predict_takes_one_text_and_one_branch_name(store: ContentStore) -> None
 
 def test_model_forward_after_predict_keeps_autograd(store: ContentStore) -> None:
     """A branch first loaded inside predict() is an ordinary module, usable for training."""
-    from scaler_wizard.compose import compose
+    from scaler_wizard.modeling.compose import compose
 
     model = compose(store, "demo")
     model.predict(["Who wrote Hamlet?"], ["topic"])

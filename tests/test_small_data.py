@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import DATA, run_scaler
 
-from scaler_wizard.branch_training import (
+from scaler_wizard.modeling.compose import new_branch
+from scaler_wizard.training.branch_fit import (
     MIN_EVAL_ROWS,
     BranchTrainingConfig,
     balanced_loss,
     early_stop_note,
 )
-from scaler_wizard.compose import new_branch
 
 SMS = DATA / "samples" / "sms_spam_small.csv"  # 200 rows: ham 175, spam 25 (majority 0.875-0.90)
 EPOCH = re.compile(

@@ -17,7 +17,6 @@ from conftest import run_scaler, tamper_object
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.atomic import TMP_PREFIX
 from scaler_wizard.banks.store import canonical_json, validate_name
-from scaler_wizard.compose import compose, init_model, save_version
 from scaler_wizard.errors import (
     ConflictError,
     IntegrityError,
@@ -26,8 +25,9 @@ from scaler_wizard.errors import (
     ScalerError,
     StoreError,
 )
-from scaler_wizard.manifests.history import find_version, history, resolve_version, rollback
-from scaler_wizard.verify import verify_version
+from scaler_wizard.modeling.compose import compose, init_model, save_version
+from scaler_wizard.modeling.verify import verify_version
+from scaler_wizard.versions.history import find_version, history, resolve_version, rollback
 
 
 def versions(store: ContentStore) -> dict[int, BankHash]:

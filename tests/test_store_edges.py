@@ -21,9 +21,9 @@ from hubserver.fixtures import HubServer
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.atomic import TMP_PREFIX
-from scaler_wizard.compose import compose, new_branch, save_version
 from scaler_wizard.errors import StoreError
-from scaler_wizard.manifests.history import find_version, history, rollback
+from scaler_wizard.modeling.compose import compose, new_branch, save_version
+from scaler_wizard.versions.history import find_version, history, rollback
 
 SECRET = "password=hunter2"
 hub_server = hub_fixtures.hub_server  # the test Hub's fixtures, used by name below
@@ -111,7 +111,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     from scaler_wizard.banks import refs as store_mod
     from scaler_wizard.banks.store import ContentStore
-    from scaler_wizard.manifests.history import rollback
+    from scaler_wizard.versions.history import rollback
 
     point = sys.argv[2]
     real_write, real_append = store_mod.atomic_write_bytes, ContentStore._append_log

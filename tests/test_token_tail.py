@@ -18,15 +18,9 @@ from torch import Tensor
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.safetensors_bank import load_bank_tensors
-from scaler_wizard.bound_cache import read_bound, write_bound
-from scaler_wizard.branch_add import DEFAULT_STRATEGY, DataSpec, add_branch
-from scaler_wizard.branch_training import BranchTrainingConfig
-from scaler_wizard.compose import compose, new_branch, trunk_id
-from scaler_wizard.errors import ScalerError
-from scaler_wizard.features import feature_kind
-from scaler_wizard.model import ScalerModel
-from scaler_wizard.plugins.token_tail import AttentionMLP, AttnMLPConfig
-from scaler_wizard.token_features import (
+from scaler_wizard.caches.bound_cache import read_bound, write_bound
+from scaler_wizard.caches.features import feature_kind
+from scaler_wizard.caches.token_features import (
     KIND,
     SHARD_ROWS,
     TokenRows,
@@ -35,6 +29,12 @@ from scaler_wizard.token_features import (
     compute_tokens,
     token_key,
 )
+from scaler_wizard.errors import ScalerError
+from scaler_wizard.modeling.compose import compose, new_branch, trunk_id
+from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.plugins.token_tail import AttentionMLP, AttnMLPConfig
+from scaler_wizard.training.branch_add import DEFAULT_STRATEGY, DataSpec, add_branch
+from scaler_wizard.training.branch_fit import BranchTrainingConfig
 
 SMS = DATA / "samples" / "sms_spam_small.csv"
 OLD = ["spam", "topic"]
@@ -124,7 +124,7 @@ def test_token_cache_matches_the_live_trunk_pass(store: ContentStore) -> None:
 
 def test_large_data_is_cached_in_bounded_shards(store: ContentStore, monkeypatch: Any) -> None:
     """More texts than a shard holds: one cache file per shard, rows read across them."""
-    import scaler_wizard.token_features as tf
+    import scaler_wizard.caches.token_features as tf
 
     model = compose(store, "demo")
     tid = trunk_id(model.origin.manifest)

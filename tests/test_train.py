@@ -14,24 +14,24 @@ from typer.testing import CliRunner
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.hashing import sha256_file
 from scaler_wizard.cli.app import app
-from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.errors import DataError, ScalerError
-from scaler_wizard.mixed_sampler import MixedBatchSampler, sampling_probabilities
-from scaler_wizard.train_config import (
+from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
+from scaler_wizard.training.config import (
     BranchSpec,
     TrainConfig,
     TrainConfigError,
     load_config_file,
     parse_branch_option,
 )
-from scaler_wizard.train_monitor import QualityChecks
-from scaler_wizard.trunk_training import (
+from scaler_wizard.training.loop import (
     make_accelerator,
     parameter_groups,
     plan_run,
     start_run,
     train_run,
 )
+from scaler_wizard.training.monitor import QualityChecks
+from scaler_wizard.training.sampler import MixedBatchSampler, sampling_probabilities
 
 SMALL = {"steps": 8, "batch_size": 16, "eval_every": 4, "checkpoint_every": 4, "check_window": 4}
 
@@ -132,7 +132,7 @@ def test_trains_trunk_on_real_data_and_writes_a_version(tiny: ContentStore, tmp_
 
 @pytest.mark.usefixtures("one_thread")
 def test_recipe_parameter_groups_and_warmup(tiny: ContentStore) -> None:
-    from scaler_wizard.trunk_training import MultiTaskModule
+    from scaler_wizard.training.loop import MultiTaskModule
 
     model = compose(tiny, "tiny")
     branch = new_branch(hidden_size=384, labels=["a", "b"])
@@ -291,7 +291,12 @@ def test_checkpoint_roundtrip_is_exact(tmp_path: Path) -> None:
 
     import numpy as np
 
-    from scaler_wizard.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+    from scaler_wizard.training.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        restore_rng,
+        save_checkpoint,
+    )
 
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
@@ -331,7 +336,7 @@ def test_checkpoint_roundtrip_is_exact(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_base_state_cache_is_keyed_and_exact(tiny: ContentStore) -> None:
-    from scaler_wizard.base_states import cache_dir, cached_states
+    from scaler_wizard.caches.base_states import cache_dir, cached_states
 
     model = compose(tiny, "tiny")
     assert model.origin is not None

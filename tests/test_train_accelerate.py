@@ -36,7 +36,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    from scaler_wizard.compose import init_model
+    from scaler_wizard.modeling.compose import init_model
 
     template = tiny_template(tmp_path_factory)
     one, two = tmp_path / "one", tmp_path / "two"

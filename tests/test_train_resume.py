@@ -127,7 +127,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(
 
 KILL_BEFORE_RESULT = """
 import os, signal, sys
-import scaler_wizard.trunk_training as tt
+import scaler_wizard.training.loop as tt
 real = tt.atomic_write_bytes
 def write(path, data, *args, **kwargs):
     if path.name == tt.RESULT_FILE:  # the version is saved, the result not yet written
@@ -188,7 +188,7 @@ def test_resume_after_kill_between_ref_move_and_result_finishes_the_run(
 
     # A version this run did not make on top: the model really moved, and resume says so.
     (run_dir / "result.json").unlink()
-    from scaler_wizard.compose import compose, save_version
+    from scaler_wizard.modeling.compose import compose, save_version
 
     save_version(store, compose(store, "tiny"), message="someone else's change")
     moved = subprocess.run(

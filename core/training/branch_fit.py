@@ -13,12 +13,12 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from scaler_wizard.bound_cache import require_finite
 from scaler_wizard.branch import Branch, TrunkOutput
+from scaler_wizard.caches.bound_cache import require_finite
+from scaler_wizard.caches.feature_shards import Rows, rows_tensor
+from scaler_wizard.caches.token_features import TokenRows
 from scaler_wizard.errors import ScalerError
-from scaler_wizard.feature_shards import Rows, rows_tensor
-from scaler_wizard.metrics import classification_metrics
-from scaler_wizard.token_features import TokenRows
+from scaler_wizard.training.metrics import classification_metrics
 
 #: Default epochs when none are given: cheap on cached features, costly for in-encoder adapters.
 EPOCHS_CACHED = 40

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.caches.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.caches.feature_shards import Rows, ShardedRows
+from scaler_wizard.caches.token_features import TokenRows, cached_tokens
 from scaler_wizard.errors import ScalerError
-from scaler_wizard.feature_shards import Rows, ShardedRows
-from scaler_wizard.model import ScalerModel
-from scaler_wizard.token_features import TokenRows, cached_tokens
+from scaler_wizard.modeling.model import ScalerModel
 
 Progress = Callable[[int], None]
 KIND = "feature-cache"

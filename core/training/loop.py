@@ -38,24 +38,24 @@ from torch import Tensor, nn
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.atomic import atomic_write_bytes
 from scaler_wizard.banks.hashing import sha256_file
-from scaler_wizard.base_encoder import BaseEncoder
-from scaler_wizard.base_states import TokenStates, cached_states
 from scaler_wizard.branch import Branch, TrunkOutput
-from scaler_wizard.branch_training import _lr_lambda, check_finite_weights, finite_loss
-from scaler_wizard.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
-from scaler_wizard.data import LabelledData, load_train_eval
+from scaler_wizard.caches.base_states import TokenStates, cached_states
 from scaler_wizard.errors import DataError, ScalerError
-from scaler_wizard.fingerprint import fingerprint_of, probe_logits
-from scaler_wizard.manifests.history import next_version
-from scaler_wizard.metrics import classification_metrics
-from scaler_wizard.mixed_sampler import MixedBatchSampler, derived_seed, sampling_probabilities
-from scaler_wizard.model import ScalerModel, Trunk
-from scaler_wizard.train_config import BranchSpec, TrainConfig, TrainConfigError
-from scaler_wizard.train_events import TrainEvents
-from scaler_wizard.train_finish import finished_version, plan_digest
-from scaler_wizard.train_monitor import MetricsLog, QualityChecks
+from scaler_wizard.modeling.base_encoder import BaseEncoder
+from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
+from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
+from scaler_wizard.modeling.model import ScalerModel, Trunk
+from scaler_wizard.training.branch_fit import _lr_lambda, check_finite_weights, finite_loss
+from scaler_wizard.training.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from scaler_wizard.training.config import BranchSpec, TrainConfig, TrainConfigError
+from scaler_wizard.training.data import LabelledData, load_train_eval
+from scaler_wizard.training.events import TrainEvents
+from scaler_wizard.training.finish import finished_version, plan_digest
+from scaler_wizard.training.metrics import classification_metrics
+from scaler_wizard.training.monitor import MetricsLog, QualityChecks
+from scaler_wizard.training.sampler import MixedBatchSampler, derived_seed, sampling_probabilities
 from scaler_wizard.version import __version__
+from scaler_wizard.versions.history import next_version
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -134,7 +134,7 @@ def plan_run(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise TrainConfigError(f"branch {dupes[0]!r} is given twice")
-    from scaler_wizard.manifests.history import resolve_version
+    from scaler_wizard.versions.history import resolve_version
 
     name, h = resolve_version(store, model)
     if "@" in model or model.startswith("sha256:"):
@@ -922,7 +922,7 @@ def train_run(
 
 
 def _first_eval(run_dir: Path) -> dict[str, Any] | None:
-    from scaler_wizard.train_monitor import METRICS_FILE, read_records
+    from scaler_wizard.training.monitor import METRICS_FILE, read_records
 
     for r in read_records(run_dir / METRICS_FILE):
         if r.get("event") == "eval":
@@ -933,7 +933,7 @@ def _first_eval(run_dir: Path) -> dict[str, Any] | None:
 
 def _last_window(run_dir: Path, window: int) -> dict[str, Any]:
     """Means over the last ``window`` train records (what the summary table shows)."""
-    from scaler_wizard.train_monitor import METRICS_FILE, read_records
+    from scaler_wizard.training.monitor import METRICS_FILE, read_records
 
     recs = [r for r in read_records(run_dir / METRICS_FILE) if r.get("event") == "train"][-window:]
     if not recs:

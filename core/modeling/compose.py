@@ -9,25 +9,8 @@ from typing import Any
 
 import torch
 
-from scaler_wizard.bank_checks import (
-    adapter_meta,
-    check_bank_metadata,
-    check_branch_trunk,
-    encode_with_metadata,
-    head_meta,
-    mark_stale_branches,
-    trunk_id,
-    trunk_ids,
-    trunk_layer_meta,
-)
-from scaler_wizard.bank_loading import bank_tensors as _bank_tensors
-from scaler_wizard.bank_loading import build_from_bank as _build_from_bank
-from scaler_wizard.bank_loading import call_factory as _call_factory
-from scaler_wizard.bank_loading import meta_probe as _meta_probe
-from scaler_wizard.bank_loading import moe_layer as _moe_layer
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import validate_name
-from scaler_wizard.base_encoder import import_base, load_base, locate_base
 from scaler_wizard.branch import Branch, BranchAdapter, Head
 from scaler_wizard.errors import (
     BankNotFoundError,
@@ -38,12 +21,29 @@ from scaler_wizard.errors import (
     ScalerError,
 )
 from scaler_wizard.manifests import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, validate_manifest
-from scaler_wizard.manifests.history import next_version, rebase_branches, resolve_version
-from scaler_wizard.model import Origin, ScalerModel, Trunk
+from scaler_wizard.modeling.bank_checks import (
+    adapter_meta,
+    check_bank_metadata,
+    check_branch_trunk,
+    encode_with_metadata,
+    head_meta,
+    mark_stale_branches,
+    trunk_id,
+    trunk_ids,
+    trunk_layer_meta,
+)
+from scaler_wizard.modeling.bank_loading import bank_tensors as _bank_tensors
+from scaler_wizard.modeling.bank_loading import build_from_bank as _build_from_bank
+from scaler_wizard.modeling.bank_loading import call_factory as _call_factory
+from scaler_wizard.modeling.bank_loading import meta_probe as _meta_probe
+from scaler_wizard.modeling.bank_loading import moe_layer as _moe_layer
+from scaler_wizard.modeling.base_encoder import import_base, load_base, locate_base
+from scaler_wizard.modeling.model import Origin, ScalerModel, Trunk
+from scaler_wizard.modeling.verify import banks_of
 from scaler_wizard.moe import Gating, MoELayer
 from scaler_wizard.plugin_manager import Registry, get_registry
-from scaler_wizard.verify import banks_of
 from scaler_wizard.version import __version__
+from scaler_wizard.versions.history import next_version, rebase_branches, resolve_version
 
 LIBRARY = {"distribution": "scaler-wizard", "version": __version__}
 

@@ -9,9 +9,9 @@ from typing import Any, overload
 import torch
 from torch import Tensor, nn
 
-from scaler_wizard.base_encoder import BaseEncoder
 from scaler_wizard.branch import Branch, Prediction, TrunkOutput
 from scaler_wizard.errors import BranchNotFoundError, did_you_mean
+from scaler_wizard.modeling.base_encoder import BaseEncoder
 from scaler_wizard.moe import MoELayer
 
 

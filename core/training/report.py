@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scaler_wizard.errors import ScalerError
-from scaler_wizard.train_monitor import METRICS_FILE, read_records
+from scaler_wizard.training.monitor import METRICS_FILE, read_records
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

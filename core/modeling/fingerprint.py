@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from scaler_wizard.model import ScalerModel
+from scaler_wizard.modeling.model import ScalerModel
 
 PROBE_SET = "builtin-v1"
 PROBE_TEXTS: tuple[str, ...] = (

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scaler_wizard.banks.atomic import atomic_write_bytes
-from scaler_wizard.train_config import TrainConfig
+from scaler_wizard.training.config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 

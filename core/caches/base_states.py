@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.base_encoder import BaseEncoder
-from scaler_wizard.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.caches.bound_cache import read_bound, require_finite, write_bound
 from scaler_wizard.errors import ScalerError
+from scaler_wizard.modeling.base_encoder import BaseEncoder
 
 Progress = Callable[[int], None]
 KIND = "base-states"

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from scaler_wizard.banks.hashing import sha256_file
-from scaler_wizard.data_readers import _CHUNK as _CHUNK  # the UTF-8 check's read size (tests)
-from scaler_wizard.data_readers import Number, read_columns
 from scaler_wizard.errors import DataError
+from scaler_wizard.training.readers import _CHUNK as _CHUNK  # the UTF-8 check's read size (tests)
+from scaler_wizard.training.readers import Number, read_columns
 
 #: ``factory(description, total bytes)`` -> ``advance(bytes)``: progress of reading a file
 ReadProgress = Callable[[str, int], Callable[[int], None]]

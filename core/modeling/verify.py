@@ -6,12 +6,17 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from scaler_wizard.bank_checks import check_bank_metadata, check_branch_trunk, expected_metadata, trunk_ids
-from scaler_wizard.bank_loading import call_factory, check_fit, meta_probe, moe_layer
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.manifests import validate_manifest
+from scaler_wizard.modeling.bank_checks import (
+    check_bank_metadata,
+    check_branch_trunk,
+    expected_metadata,
+    trunk_ids,
+)
+from scaler_wizard.modeling.bank_loading import call_factory, check_fit, meta_probe, moe_layer
 
 
 @dataclass
@@ -60,7 +65,7 @@ def verify_version(
 
 
 def _base_check(store: ContentStore, h: str) -> list[Check]:
-    from scaler_wizard.base_encoder import load_base
+    from scaler_wizard.modeling.base_encoder import load_base
 
     entry = store.get_manifest(h)["base"]
     try:
@@ -208,7 +213,7 @@ def load_check(
 
 def _peft_folder_problems(store: ContentStore, field: str, bank: str, files: dict[str, str]) -> list[Check]:
     """A failed Check if a PEFT folder bank holds other members or a config that could touch the base."""
-    from scaler_wizard import peft_safety
+    from scaler_wizard.modeling import peft_safety
 
     try:
         peft_safety.check_members(files, where=field)
@@ -220,8 +225,8 @@ def _peft_folder_problems(store: ContentStore, field: str, bank: str, files: dic
 
 def verify_fingerprints(store: ContentStore, h: str) -> list[Check]:
     """Recompute each branch's probe-set logits and compare them with its recorded fingerprint."""
-    from scaler_wizard.compose import compose
-    from scaler_wizard.fingerprint import check_fingerprint, probe_logits
+    from scaler_wizard.modeling.compose import compose
+    from scaler_wizard.modeling.fingerprint import check_fingerprint, probe_logits
 
     model = compose(store, h)
     assert model.origin is not None

@@ -5,7 +5,7 @@ computed once and kept on disk in float16. Examples have different lengths, so a
 holds one shard of examples as a flat ``states`` tensor ``(total_tokens, d)`` plus ``offsets``
 ``(n + 1,)`` (example ``i`` is ``states[offsets[i]:offsets[i + 1]]``), and the pooled output
 ``(n, d)`` in float32 exactly as the trunk gives it. Files are bound to their inputs like the
-pooled-feature cache (core/features.py): key, trunk, rows, dtype, max length, shapes, checksum
+pooled-feature cache (core/caches/features.py): key, trunk, rows, dtype, max length, shapes, checksum
 and a finiteness check; anything that does not match is recomputed, never trusted.
 
 Large datasets are cut into shards of ``SHARD_ROWS`` examples, each its own file, read back
@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.bound_cache import read_bound, require_finite, write_bound
 from scaler_wizard.branch import TrunkOutput
-from scaler_wizard.model import ScalerModel
+from scaler_wizard.caches.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.modeling.model import ScalerModel
 
 Progress = Callable[[int], None]
 KIND = "token-cache"

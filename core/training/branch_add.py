@@ -19,7 +19,13 @@ import torch
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import validate_name
 from scaler_wizard.branch import Branch
-from scaler_wizard.branch_training import (
+from scaler_wizard.caches.features import cached_features, feature_kind
+from scaler_wizard.errors import DataError, ScalerError
+from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
+from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
+from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.plugin_manager import get_registry
+from scaler_wizard.training.branch_fit import (
     EPOCHS_CACHED,
     EPOCHS_IN_ENCODER,
     BranchTrainingConfig,
@@ -29,14 +35,8 @@ from scaler_wizard.branch_training import (
     fit,
     train_branch,
 )
-from scaler_wizard.compose import compose, new_branch, save_version, trunk_id
-from scaler_wizard.data import LabelledData, load_train_eval
-from scaler_wizard.errors import DataError, ScalerError
-from scaler_wizard.features import cached_features, feature_kind
-from scaler_wizard.fingerprint import fingerprint_of, probe_logits
-from scaler_wizard.model import ScalerModel
-from scaler_wizard.plugin_manager import get_registry
-from scaler_wizard.preflight import preflight_branch
+from scaler_wizard.training.data import LabelledData, load_train_eval
+from scaler_wizard.training.preflight import preflight_branch
 from scaler_wizard.version import __version__
 
 

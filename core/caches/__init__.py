@@ -1,0 +1,1 @@
+"""Feature caches bound to their inputs (trunk, texts, dtype), checksummed."""

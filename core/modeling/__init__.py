@@ -1,0 +1,1 @@
+"""The composed model: base encoder, MoE trunk, branches; compose and verify."""

@@ -1,0 +1,1 @@
+"""Versions of a model: history, resolve, rollback (runtime side of the manifests)."""
