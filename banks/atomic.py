@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -62,8 +62,3 @@ def atomic_write_bytes(
 ) -> None:
     with atomic_writer(target, mode=mode, durable=durable) as fh:
         fh.write(data)
-
-
-def atomic_write_with(target: Path, write: Callable[[BinaryIO], None], *, mode: int = 0o644) -> None:
-    with atomic_writer(target, mode=mode) as fh:
-        write(fh)

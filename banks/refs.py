@@ -125,8 +125,11 @@ class RefStore:
         """The current manifest hash of a model; a clear error listing models if absent."""
         h = self.get_ref(name)  # the name is checked on the way
         if h is None:
+            models = self.models()
             raise ModelNotFoundError(
-                f"no model named {name!r} in {self.root} {did_you_mean(name, self.models())}"
+                f"no model named {name!r} in {self.root} {did_you_mean(name, models)}",
+                name=name,
+                available=models,
             )
         return h
 
@@ -144,10 +147,11 @@ class RefStore:
         current = self.get_ref(name)
         if current != expected:
             if expected is None:
-                raise ConflictError(f"model {name!r} already exists")
+                raise ConflictError(f"model {name!r} already exists", model=name)
             raise ConflictError(
                 f"model {name!r} moved to {current} while this change was made from "
-                f"{expected}; redo it on the current version"
+                f"{expected}; redo it on the current version",
+                model=name,
             )
         log = self._log_path(name)
         self.refuse_links(log)
@@ -157,17 +161,6 @@ class RefStore:
         lines.append({"time": time.time(), "old": current, "new": new_h, "reason": reason})
         atomic_write_bytes(self._ref_path(name), (new_h + "\n").encode())
         self._append_log(log, lines)
-
-    def delete_ref(self, name: str, *, expected: str) -> None:
-        current = self.get_ref(name)
-        if current != expected:
-            raise ConflictError(f"model {name!r} moved while being deleted")
-        log = self._log_path(name)
-        self.refuse_links(log)
-        missing = self._unlogged_move(name, current)
-        self._ref_path(name).unlink()
-        entry = {"time": time.time(), "old": current, "new": None, "reason": "delete"}
-        self._append_log(log, [missing, entry] if missing else [entry])
 
     def _append_log(self, log: Path, entries: list[dict[str, Any]]) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)

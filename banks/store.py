@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
@@ -28,15 +28,21 @@ from scaler_wizard.errors import (
     ManifestError,
     StoreError,
 )
+from scaler_wizard.names import validate_name
+
+if TYPE_CHECKING:
+    from scaler_wizard.manifests.model import Manifest
 
 STORE_FORMAT = "scaler-wizard-store"
 TREE_FORMAT = "scaler-wizard/tree"
 _TREE_MAGIC = b'{\n  "files"'  # canonical_json of a tree starts so ("files" sorts first)
 _TREE_MAX_BYTES = 1 << 20
 STORE_VERSION = 1
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-_NAME_RE = re.compile(NAME_PATTERN)
 _LOCK_TIMEOUT_S = float(os.environ.get("SCALER_LOCK_TIMEOUT", "120"))
+#: The derived caches under ``cache/``, one folder each (trunk features, trunk token states,
+#: the frozen base's token states); files are named by the hex digest of their inputs.
+CACHE_KINDS = frozenset({"features", "tokens", "base-states"})
+_CACHE_KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _safe_relpath(rel: str) -> bool:
@@ -49,38 +55,18 @@ def _safe_relpath(rel: str) -> bool:
     )
 
 
+def canonical_json(obj: Any) -> bytes:
+    """The one byte form of a manifest: its hash is its version's name.
+
+    The same bytes as ``scaler_wizard.manifests.model.canonical_json`` (tests/test_store.py
+    checks they agree); kept here so importing the store does not import the manifest schema.
+    """
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
 def default_store_path() -> Path:
     """``$SCALER_HOME`` if set, else ``./scaler-store``."""
     return Path(os.environ.get("SCALER_HOME") or "scaler-store")
-
-
-def validate_name(name: str, *, what: str = "model") -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith(".lock"):
-        raise StoreError(
-            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
-            "(starting with a letter or digit, at most 100 characters)"
-        )
-    # -- portable names (engineer D, issue 10 item 9) --
-    if _RESERVED_NAME_RE.fullmatch(name):
-        raise StoreError(
-            f"invalid {what} name {name!r}: Windows reserves it for a device, so it cannot be a file"
-        )
-    if name.endswith("."):
-        raise StoreError(f"invalid {what} name {name!r}: a name may not end in '.' (Windows drops it)")
-    if what == "branch" and "." in name:
-        raise StoreError(
-            f"invalid branch name {name!r}: use letters, digits, '_' or '-' ('.' cannot name a module)"
-        )
-    # -- end portable names --
-    return name
-
-
-_RESERVED_NAME_RE = re.compile(r"(?i:con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?")
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The one byte form of a manifest: its hash is its version's name."""
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
 class ContentStore(RefStore):
@@ -178,7 +164,7 @@ class ContentStore(RefStore):
         """Store bytes as an object (no-op when present and intact); returns its name."""
         h = BankHash.of_bytes(data)
         if expected is not None and h != expected:
-            raise IntegrityError(f"refusing bank {expected}: its bytes hash to {h}")
+            raise IntegrityError(f"refusing bank {expected}: its bytes hash to {h}", bank=expected)
         path = self.object_path(h)
         if not self._present_and_intact(h, path):
             self.refuse_links(path)
@@ -203,7 +189,9 @@ class ContentStore(RefStore):
                 os.fsync(fout.fileno())
             h = BankHash("sha256:" + digest.hexdigest())
             if expected is not None and h != expected:
-                raise IntegrityError(f"refusing {src.name}: expected {expected}, bytes hash to {h}")
+                raise IntegrityError(
+                    f"refusing {src.name}: expected {expected}, bytes hash to {h}", bank=expected, path=src
+                )
             path = self.object_path(h)
             if not self._present_and_intact(h, path):
                 self.refuse_links(path)
@@ -235,7 +223,7 @@ class ContentStore(RefStore):
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise BankNotFoundError(f"bank {bh} is missing from the store {self.root}") from None
+            raise BankNotFoundError(f"bank {bh} is missing from the store {self.root}", bank=bh) from None
         key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         if trust_cache and self._verified_cache().get(bh.hex) == key:
             return path
@@ -243,7 +231,9 @@ class ContentStore(RefStore):
         if actual != bh:
             raise IntegrityError(
                 f"bank {bh} is corrupt or tampered: its bytes hash to {actual} "
-                f"({path}); restore it from a copy or `scaler pull` it again"
+                f"({path}); restore it from a copy or `scaler pull` it again",
+                bank=bh,
+                path=path,
             )
         self._remember_verified(bh, path, key)
         return path
@@ -252,7 +242,7 @@ class ContentStore(RefStore):
         bh = BankHash(h)
         data = self.verified_path(bh, trust_cache=trust_cache).read_bytes()
         if not trust_cache and BankHash.of_bytes(data) != bh:  # raced with a writer
-            raise IntegrityError(f"bank {bh} changed while being read")
+            raise IntegrityError(f"bank {bh} changed while being read", bank=bh)
         return data
 
     def iter_objects(self) -> Iterator[BankHash]:
@@ -403,12 +393,29 @@ class ContentStore(RefStore):
         with contextlib.suppress(FileNotFoundError):
             self._cache_file().unlink()
 
+    # -- derived caches (issue 11 item 5: the one layout of ``cache/``) -----------------
+    def cache_dir(self, kind: str) -> Path:
+        """The folder of one kind of derived cache (``kind`` is one of ``CACHE_KINDS``)."""
+        if kind not in CACHE_KINDS:
+            raise StoreError(f"unknown cache kind {kind!r}; known: {', '.join(sorted(CACHE_KINDS))}")
+        return self.root / "cache" / kind
+
+    def cache_path(self, kind: str, key: str) -> Path:
+        """Where the ``kind`` cache file computed from inputs hashed to ``key`` (64 hex digits)
+        lives. The store only places the file: what is inside, and whether it can be trusted,
+        is the business of whoever reads it."""
+        if not isinstance(key, str) or not _CACHE_KEY_RE.fullmatch(key):
+            raise StoreError(f"invalid cache key {key!r}: expected 64 lowercase hex digits")
+        return self.cache_dir(kind) / f"{key}.safetensors"
+
     # -- manifests -------------------------------------------------------------------
     def manifest_path(self, h: str) -> Path:
         return self.root / "manifests" / f"{BankHash(h).hex}.json"
 
-    def put_manifest(self, manifest: dict[str, Any]) -> BankHash:
-        data = canonical_json(manifest)
+    def put_manifest(self, manifest: Manifest | Any) -> BankHash:
+        """Store a manifest's canonical bytes (a typed Manifest, or JSON: validated by readers); its hash."""
+        to_bytes = getattr(manifest, "to_bytes", None)
+        data = to_bytes() if callable(to_bytes) else canonical_json(manifest)
         h = BankHash.of_bytes(data)
         path = self.manifest_path(h)
         if not path.is_file() or BankHash.of_bytes(path.read_bytes()) != h:
@@ -428,7 +435,7 @@ class ContentStore(RefStore):
         except FileNotFoundError:
             raise ManifestError(f"manifest {bh} is missing from the store {self.root}") from None
         if BankHash.of_bytes(data) != bh:
-            raise IntegrityError(f"manifest {bh} is corrupt or tampered ({path})")
+            raise IntegrityError(f"manifest {bh} is corrupt or tampered ({path})", bank=bh, path=path)
         # -- manifest limits (engineer D, issue 10 item 8): size, depth, integer range --
         from scaler_wizard.manifests.validation import parse_manifest_bytes
 
@@ -437,6 +444,16 @@ class ContentStore(RefStore):
         if not isinstance(obj, dict):
             raise ManifestError(f"manifest {bh}: top level must be an object")
         return obj
+
+    def manifest(self, h: str, *, where: str | None = None) -> Manifest:
+        """A stored manifest, its hash checked, parsed and validated (the one way to read one).
+
+        ``where`` starts any ManifestError (default ``manifest sha256:abcd1234``).
+        """
+        from scaler_wizard.manifests.model import parse_manifest
+
+        bh = BankHash(h)
+        return parse_manifest(self.get_manifest(bh), where=where or f"manifest {bh.short}")
 
     def iter_manifests(self) -> Iterator[BankHash]:
         for f in sorted((self.root / "manifests").glob("*.json")):

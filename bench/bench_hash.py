@@ -29,7 +29,7 @@ def make_big_bank(store: Any, size_mb: int) -> str:
     """A ~size_mb safetensors bank of random float32 tensors, written into the store."""
     import torch
 
-    from scaler_wizard.banks import encode_bank
+    from scaler_wizard.modeling.tensor_banks import encode_bank
 
     gen = torch.Generator().manual_seed(0)
     per = 16 * 1024 * 1024  # 64 MB tensors
@@ -51,7 +51,7 @@ def make_small_banks(store: Any, count: int) -> list[str]:
     """
     import torch
 
-    from scaler_wizard.banks import encode_bank
+    from scaler_wizard.modeling.tensor_banks import encode_bank
 
     gen = torch.Generator().manual_seed(1)
     names = []

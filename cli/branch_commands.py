@@ -21,27 +21,27 @@ def list_branches(
 ) -> None:
     """Branches of a model: strategy, classes, accuracy, size."""
     from scaler_wizard.cli.model_commands import branch_table
-    from scaler_wizard.manifests import validate_manifest
+    from scaler_wizard.manifests.model import thaw
     from scaler_wizard.versions.history import resolve_version
 
     store = open_store()
     _, h = resolve_version(store, model)
-    m = validate_manifest(store.get_manifest(h), where=f"manifest {h.short}")  # (issue 10 #9)
+    m = store.manifest(h)  # hash checked, parsed and validated (issue 10 #9)
     if as_json:
         print_json(
             [
                 {
                     "name": n,
-                    "strategy": e["strategy"]["plugin"],
-                    "head": e["head"]["plugin"],
-                    "labels": e["labels"],
-                    "metrics": e.get("metrics", {}),
+                    "strategy": e.strategy.plugin,
+                    "head": e.head.plugin,
+                    "labels": list(e.labels),
+                    "metrics": {} if e.metrics is None else thaw(e.metrics),
                 }
-                for n, e in sorted(m["branches"].items())
+                for n, e in sorted(m.branches.items())
             ]
         )
         return
-    if not m["branches"]:
+    if not m.branches:
         out.print(f"{model} has no branches yet (add one with `scaler branch add`)")
         return
     out.print(branch_table(store, m))
@@ -54,32 +54,37 @@ def show_branch(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Everything the manifest says about one branch."""
-    from scaler_wizard.manifests import validate_manifest
+    from scaler_wizard.manifests.model import thaw
     from scaler_wizard.versions.history import resolve_version
 
     store = open_store()
     _, h = resolve_version(store, model)
-    m = validate_manifest(store.get_manifest(h), where=f"manifest {h.short}")  # (issue 10 #9)
-    entry = m["branches"].get(branch)
+    m = store.manifest(h)  # hash checked, parsed and validated (issue 10 #9)
+    entry = m.branches.get(branch)
     if entry is None:
         raise BranchNotFoundError(
-            f"model {model!r} has no branch {branch!r} {did_you_mean(branch, set(m['branches']))}"
+            f"model {model!r} has no branch {branch!r} {did_you_mean(branch, set(m.branches))}",
+            branch=branch,
+            model=model,
+            available=m.branches,
         )
     if as_json:
-        print_json({"name": branch, **entry})
+        print_json({"name": branch, **entry.to_dict()})
         return
-    out.print(f"[bold]{branch}[/bold] in {model} v{m['version']}")
+    strategy, head = entry.strategy, entry.head
+    out.print(f"[bold]{branch}[/bold] in {model} v{m.version}")
     out.print(
-        f"  strategy  {entry['strategy']['plugin']} {entry['strategy']['config']}  ({entry['strategy']['provider']['distribution']} {entry['strategy']['provider']['version']})"
+        f"  strategy  {strategy.plugin} {strategy.config_dict()}  ({strategy.provider.distribution} {strategy.provider.version})"
     )
-    out.print(f"  head      {entry['head']['plugin']} {entry['head']['config']}")
-    out.print(f"  labels    {', '.join(entry['labels'])}")
-    out.print(f"  banks     adapter {entry['adapter_bank']}\n            head    {entry['head_bank']}")
-    _print_metrics(entry.get("metrics") or {}, entry.get("provenance") or {})
-    stale = (entry.get("provenance") or {}).get("stale")
+    out.print(f"  head      {head.plugin} {head.config_dict()}")
+    out.print(f"  labels    {', '.join(entry.labels)}")
+    out.print(f"  banks     adapter {entry.adapter_bank}\n            head    {entry.head_bank}")
+    provenance = thaw(entry.provenance or {})
+    _print_metrics(thaw(entry.metrics or {}), provenance)
+    stale = provenance.get("stale")
     if stale:
         out.print(f"  [yellow]stale[/yellow]     trained on another trunk ({stale})", markup=True)
-    fp = entry.get("fingerprint")
+    fp = entry.fingerprint
     if fp:
         out.print(
             f"  fingerprint {fp.get('sha256', '')} on probe set {fp.get('probe_set', '')}", markup=False
@@ -137,7 +142,7 @@ def remove_branch(
     m = compose(store, model)
     m.remove_branch(branch)
     h = save_version(store, m, message=f"remove branch {branch}")
-    out.print(f"removed {branch}: {model} v{store.get_manifest(h)['version']} {h}")  # may be rebased
+    out.print(f"removed {branch}: {model} v{store.manifest(h).version} {h}")  # may be rebased
 
 
 def _json_config(raw: str | None, option: str, **overrides: Any) -> dict[str, Any] | None:

@@ -12,8 +12,6 @@ from typing import Any
 
 from rich.console import Console
 
-from scaler_wizard.training.data import summarize_counts
-
 #: plain mode prints a line each time a pass crosses another tenth of its rows
 PLAIN_STEPS = 10
 #: (issue 10 item 19) a data file this big or bigger gets a "reading data" bar / lines
@@ -93,6 +91,8 @@ class BranchProgress:
 
     def report(self, event: str, info: dict[str, Any]) -> None:
         if event == "data":
+            from scaler_wizard.training.data import summarize_counts  # the runtime: only when used
+
             self._line(
                 f"data: {info['train']} train / {info['eval']} eval rows; "
                 f"classes: {summarize_counts(info['counts'])}"

@@ -188,9 +188,9 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """What changed from version A to version B: branches, banks, plugin configs, metrics."""
+    from scaler_wizard.banks.hashing import BankHash
     from scaler_wizard.errors import ScalerError
-    from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.versions.history import resolve_version
+    from scaler_wizard.versions.history import Version, resolve_version
 
     store = open_store()
     name_a, ha = resolve_version(store, a)
@@ -199,16 +199,16 @@ def diff(
     else:
         hb = store.resolve(name_a)
         if "@" not in a and not a.startswith("sha256:"):  # `scaler diff demo`: parent -> current
-            parent = store.get_manifest(hb).get("parent")
+            parent = Version.load(store, hb, validate=False).parent
             if not parent:
                 raise ScalerError(f"{a} has only one version; name two to compare: scaler diff A B")
-            ha = parent
-    ma = validate_manifest(store.get_manifest(ha), where=f"manifest {ha}")
-    mb = validate_manifest(store.get_manifest(hb), where=f"manifest {hb}")
+            ha = BankHash(parent)
+    va = Version.load(store, ha, where=f"manifest {ha}")
+    vb = Version.load(store, hb, where=f"manifest {hb}")
     report = {
-        "a": {"name": ma["name"], "version": ma["version"], "manifest": str(ha)},
-        "b": {"name": mb["name"], "version": mb["version"], "manifest": str(hb)},
-        **diff_manifests(ma, mb),
+        "a": {"name": va.manifest["name"], "version": va.number, "manifest": str(va.hash)},
+        "b": {"name": vb.manifest["name"], "version": vb.number, "manifest": str(vb.hash)},
+        **diff_manifests(va.manifest, vb.manifest),
     }
     if as_json:
         print_json(report)

@@ -74,6 +74,8 @@ def publish(
     as_json: JsonOpt = False,
 ) -> None:
     """Publish a model version: manifest, the banks the repo lacks, a model card; tag v<version>."""
+    from scaler_wizard.remote.publishing import human_size
+
     store = open_store()
     remote = _remote_for(repo_id, "publish", endpoint=endpoint, token=token)
     result = remote.publish(store, model, tag=tag, revision=revision, private=private, progress=_say)
@@ -87,7 +89,7 @@ def publish(
         out.print(
             f"published {result.model} v{result.version} to {result.repo_id}@{result.tag} "
             f"(commit {result.commit[:12]}): {len(result.uploaded)} banks uploaded "
-            f"({_human(result.uploaded_bytes)}), {len(result.reused)} already there, {result.seconds:.1f}s"
+            f"({human_size(result.uploaded_bytes)}), {len(result.reused)} already there, {result.seconds:.1f}s"
         )
 
 
@@ -108,6 +110,8 @@ def pull(
     as_json: JsonOpt = False,
 ) -> None:
     """Pull a model (or some of its branches): every bank's sha256 is checked before the store takes it."""
+    from scaler_wizard.remote.publishing import human_size
+
     wanted = [b.strip() for b in branches.split(",") if b.strip()] if branches is not None else None
     if branches is not None and not wanted:
         raise typer.BadParameter("--branches needs at least one branch name")
@@ -126,14 +130,6 @@ def pull(
     out.print(
         f"{what} {result.name} v{result.version} {result.manifest} from {result.repo_id}@{result.revision} "
         f"(commit {result.commit[:12]}): {len(result.downloaded)} files downloaded "
-        f"({_human(result.downloaded_bytes)}), {result.already_here} already here, {result.seconds:.1f}s",
+        f"({human_size(result.downloaded_bytes)}), {result.already_here} already here, {result.seconds:.1f}s",
         markup=False,
     )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

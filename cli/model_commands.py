@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from scaler_wizard.cli.state import err, open_store, out, print_json
+
+if TYPE_CHECKING:
+    from scaler_wizard.manifests.model import Manifest
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -102,33 +105,24 @@ def _bank_size(store: Any, h: str) -> int:
     return size + sum(_bank_size(store, m) for m in members.values())
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def show(
     model: Annotated[str, typer.Argument(help="Model name, name@VERSION, or manifest hash.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a model version: base, trunk, branches."""
-    from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.versions.history import resolve_version
+    from scaler_wizard.versions.history import resolve
 
     store = open_store()
-    name, h = resolve_version(store, model)
-    m = validate_manifest(store.get_manifest(h), where=f"manifest {h.short}")
+    v = resolve(store, model)
+    m = v.manifest
     if as_json:
-        print_json({"manifest_hash": h, **m})
+        print_json({"manifest_hash": v.hash, **m})
         return
     src = m["base"]["source"]
     source = src.get("package") or src.get("repo_id") or src.get("path")
-    out.print(f"[bold]{name}[/bold] v{m['version']}  {h}")
-    out.print(f"  parent   {m['parent'] or '-'}")
-    out.print(f"  created  {m['created']}  {m.get('message', '')}")
+    out.print(f"[bold]{v.name}[/bold] v{v.number}  {v.hash}")
+    out.print(f"  parent   {v.parent or '-'}")
+    out.print(f"  created  {v.created}  {m.get('message', '')}")
     out.print(
         f"  base     {m['base']['architecture']} from {src['type']} {source}"
         f"{' ' + src.get('version', src.get('revision', '')) if src['type'] != 'path' else ''}"
@@ -149,20 +143,25 @@ def show(
     out.print(branch_table(store, m))
 
 
-def branch_table(store: Any, m: dict[str, Any]) -> Table:
+def branch_table(store: Any, manifest: Manifest | dict[str, Any]) -> Table:
+    """The branches of a (validated) manifest: strategy, head, classes, accuracy, bytes."""
+    from scaler_wizard.manifests.model import as_manifest
+    from scaler_wizard.remote.publishing import human_size
+
+    m = as_manifest(manifest)
     table = Table(box=None, pad_edge=False)
     for col in ("branch", "strategy", "head", "classes", "accuracy", "bytes"):
         table.add_column(col, justify="right" if col in ("classes", "accuracy", "bytes") else "left")
-    for bname, e in sorted(m["branches"].items()):
-        acc = (e.get("metrics") or {}).get("accuracy")
-        size = _bank_size(store, e["adapter_bank"]) + _bank_size(store, e["head_bank"])
+    for bname, e in sorted(m.branches.items()):
+        acc = (e.metrics or {}).get("accuracy")
+        size = _bank_size(store, e.adapter_bank) + _bank_size(store, e.head_bank)
         table.add_row(
             bname,
-            e["strategy"]["plugin"],
-            e["head"]["plugin"],
-            str(len(e["labels"])),
+            e.strategy.plugin,
+            e.head.plugin,
+            str(len(e.labels)),
             f"{acc:.3f}" if isinstance(acc, int | float) else "-",
-            _human(size),
+            human_size(size),
         )
     return table
 
@@ -185,6 +184,7 @@ def verify(
     write yourself (copied, unpacked, shared). See docs/store.md.
     """
     from scaler_wizard.modeling.verify import verify_version
+    from scaler_wizard.remote.publishing import human_size
     from scaler_wizard.versions.history import history as walk
     from scaler_wizard.versions.history import resolve_version
 
@@ -225,7 +225,7 @@ def verify(
         for _vh, c in bad:
             err.print(f"FAILED {c.what} {c.bank}: {c.detail}", markup=False)
         if not bad:
-            out.print(f"ok: {name} — {n} objects, {_human(total)} re-hashed, all match their names")
+            out.print(f"ok: {name} — {n} objects, {human_size(total)} re-hashed, all match their names")
     if bad:
         raise typer.Exit(1)
 
@@ -238,8 +238,7 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Versions from the current one back to the first."""
-    from scaler_wizard.manifests import validate_manifest
-    from scaler_wizard.versions.history import history as walk
+    from scaler_wizard.versions.history import log
 
     store = open_store()
     head = store.resolve(model)
@@ -256,33 +255,21 @@ def history(
             )
         return
     # (issue 10 #9) every version is validated before a field of it is read
-    versions = [(vh, validate_manifest(vm, where=f"manifest {vh.short}")) for vh, vm in walk(store, head)]
+    versions = log(store, head)
     if as_json:
-        print_json(
-            [
-                {
-                    "manifest": h,
-                    "version": m.get("version"),
-                    "parent": m.get("parent"),
-                    "created": m.get("created"),
-                    "message": m.get("message"),
-                    "branches": sorted(m.get("branches", {})),
-                }
-                for h, m in versions
-            ]
-        )
+        print_json([v.summary() for v in versions])
         return
     table = Table(box=None, pad_edge=False)
     for col in ("", "version", "manifest", "created", "branches", "message"):
         table.add_column(col)
-    for h, m in versions:
+    for v in versions:
         table.add_row(
-            "*" if h == head else "",
-            f"v{m.get('version')}",
-            h.short,
-            str(m.get("created", "")),
-            ",".join(sorted(m.get("branches", {}))) or "-",
-            str(m.get("message", "")),
+            "*" if v.hash == head else "",
+            f"v{v.number}",
+            v.short,
+            v.created,
+            ",".join(v.branches) or "-",
+            v.message if v.message is not None else "",
         )
     out.print(table)
 
@@ -292,15 +279,15 @@ def rollback(
     version: Annotated[str, typer.Argument(help="Version number (3 or v3) or manifest hash (prefix).")],
 ) -> None:
     """Point the model back at an earlier version (moves the ref; nothing is deleted)."""
+    from scaler_wizard.versions.history import Version
     from scaler_wizard.versions.history import rollback as do_rollback
 
     store = open_store()
     before = store.resolve(model)
-    target = do_rollback(store, model, version)
-    m = store.get_manifest(target)
-    if target == before:
-        out.print(f"{model} is already at v{m['version']} {target}")
+    target = Version.load(store, do_rollback(store, model, version), name=model, validate=False)
+    if target.hash == before:
+        out.print(f"{model} is already at v{target.number} {target.hash}")
     else:
         out.print(
-            f"{model} now at v{m['version']} {target} (was {before}; `scaler history {model} --reflog` shows the move)"
+            f"{model} now at v{target.number} {target.hash} (was {before}; `scaler history {model} --reflog` shows the move)"
         )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from scaler_wizard.encoder_host import EncoderHost
 
 
 @dataclass
@@ -29,7 +33,10 @@ class BranchAdapter(nn.Module):
     strategy that changes the base encoder itself (LoRA inside attention) sets
     ``needs_base_pass`` (the model then runs base + trunk once more with it active, and
     ``branch add`` cannot cache features) and ``bank_format = "folder"`` with
-    ``export_folder``/``import_folder`` (its bank is then a folder bank).
+    ``export_folder``/``import_folder`` (its bank is then a folder bank). Such a strategy
+    reaches the base only through the ``EncoderHost`` protocol (``scaler_wizard.encoder_host``)
+    its methods receive as ``base``: it injects its adapters into ``base.model`` and registers
+    an ``AdapterSwitch`` that turns a branch's adapter on for that branch's own pass.
     """
 
     out_features: int
@@ -40,21 +47,27 @@ class BranchAdapter(nn.Module):
     def forward(self, trunk: TrunkOutput) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def attach(self, base: Any, branch: str) -> None:
+    def attach(self, base: EncoderHost, branch: str) -> None:
         """Called when a new branch joins a model (before training)."""
 
-    def detach(self, base: Any, branch: str) -> None:
+    def detach(self, base: EncoderHost, branch: str) -> None:
         """Called when the branch leaves a model."""
 
-    def export_folder(self, base: Any, branch: str, dest: Path, *, base_name: str) -> Path:
-        """Write the folder bank under ``dest``; return the folder to store."""
+    def export_folder(self, base: EncoderHost, branch: str, dest: Path, *, base_name: str) -> Path:
+        """Write the folder bank under ``dest``; return the folder to store. ``base_name``:
+        how the bank may name its base (a Hub id where there is one)."""
         raise NotImplementedError
 
-    def import_folder(self, base: Any, branch: str, folder: Path) -> None:
+    def import_folder(self, base: EncoderHost, branch: str, folder: Path) -> None:
         """Load the folder bank (a read-only view of verified files)."""
         raise NotImplementedError
 
-    def trainable_parameters(self, base: Any, branch: str) -> list[nn.Parameter]:
+    def check_folder(self, files: Mapping[str, Path], *, where: str) -> None:
+        """Check a stored folder bank without loading it (``scaler verify``): ``files`` maps
+        each member's name in the folder to its verified file. Raise a ``ScalerError`` (one
+        line, starting with ``where``) for a bank ``import_folder`` would refuse."""
+
+    def trainable_parameters(self, base: EncoderHost, branch: str) -> list[nn.Parameter]:
         """What ``branch add`` trains for this adapter (the head's parameters come on top)."""
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -98,8 +111,6 @@ class Branch(nn.Module):
         self.labels = list(labels)
         #: manifest entry without banks: strategy/head plugin_refs, labels, provenance, metrics
         self.entry: dict[str, Any] = {"labels": self.labels}
-        #: (adapter bank, head bank) this branch was loaded from, if any
-        self.banks: tuple[str, str] | None = None
 
     def forward(self, trunk: TrunkOutput) -> Tensor:
         return self.head(self.adapter(trunk))  # (B, num_labels)

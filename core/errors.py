@@ -1,6 +1,26 @@
-"""Exceptions. Every error a user can cause is a ScalerError whose str() is one line."""
+"""Every error of the package. Each one a user can cause is a ScalerError whose str() is one line.
+
+Errors carry *fields*: keyword-only attributes naming what went wrong, for callers that
+react to an error rather than print it::
+
+    try:
+        compose(store, "demo")
+    except ModelNotFoundError as exc:
+        print(exc.name, exc.available)
+
+A field the raise site did not know is None (or an empty tuple). The message is the same
+one line as ever: fields add to it, never replace it. Part of the kernel: stdlib only.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def _path(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 class ScalerError(Exception):
@@ -12,35 +32,141 @@ class StoreError(ScalerError):
 
 
 class BankNotFoundError(StoreError):
-    """A bank named in a manifest is not in the store."""
+    """A bank named in a manifest is not in the store.
+
+    ``bank``: the missing bank's name (``sha256:<hex>``).
+    """
+
+    def __init__(self, message: str, *, bank: str | None = None) -> None:
+        super().__init__(message)
+        self.bank = bank
 
 
 class IntegrityError(StoreError):
-    """A bank's bytes do not hash to its name: tampered or corrupt."""
+    """A bank's bytes do not hash to its name: tampered or corrupt.
+
+    ``bank``: the bank's name; ``path``: the file (or folder) that failed.
+    """
+
+    def __init__(
+        self, message: str, *, bank: str | None = None, path: str | os.PathLike[str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.bank = bank
+        self.path = _path(path)
 
 
 class ManifestError(ScalerError):
-    """A manifest failed validation; the message names the field."""
+    """A manifest failed validation; the message names the field.
+
+    ``field``: the JSON path of the bad field (``branches.spam.labels[0]``), ``(top level)``
+    for the whole document.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PluginError(ScalerError):
-    """A plugin is missing, broken, duplicated, or misconfigured."""
+    """A plugin is missing, broken, duplicated, or misconfigured.
+
+    ``plugin``: the plugin's name as the message gives it: a registered name (``topk``) or
+    the name a plugin was loaded under (an entry point, ``scaler_wizard.plugins.gating``).
+    """
+
+    def __init__(self, message: str, *, plugin: str | None = None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
 
 
 class ModelNotFoundError(ScalerError):
-    """No model (ref) of that name in the store."""
+    """No model (ref) of that name in the store.
+
+    ``name``: the name asked for; ``available``: the models the store has.
+    """
+
+    def __init__(self, message: str, *, name: str | None = None, available: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.name = name
+        self.available = tuple(sorted(available))
 
 
 class BranchNotFoundError(ScalerError):
-    """No branch of that name in the model."""
+    """No branch of that name in the model.
+
+    ``branch``: the name asked for; ``model``: the model (or version) searched;
+    ``available``: the branches it has.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        branch: str | None = None,
+        model: str | None = None,
+        available: Iterable[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.branch = branch
+        self.model = model
+        self.available = tuple(sorted(available))
 
 
 class ConflictError(ScalerError):
-    """The model moved on while this change was being made (another writer)."""
+    """The model moved on while this change was being made (another writer).
+
+    ``model``: the model whose ref could not move.
+    """
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
 
 
 class DataError(ScalerError):
-    """Input data is unusable (missing column, one class, blank labels...)."""
+    """Input data is unusable (missing column, one class, blank labels...).
+
+    ``path``: the data file, when the problem is in one.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = _path(path)
+
+
+class CheckpointError(ScalerError):
+    """A checkpoint is missing, incomplete or does not fit the run.
+
+    ``path``: the checkpoint folder.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = _path(path)
+
+
+class TrainConfigError(ScalerError):
+    """A bad training option or config file (names the field).
+
+    ``field``: the option or config key at fault (``lr``, ``branches.spam``).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class HubError(ScalerError):
+    """The Hub refused or failed a request (one line, never the token).
+
+    ``repo``: the Hub repo id; ``revision``: the revision asked for, if any.
+    """
+
+    def __init__(self, message: str, *, repo: str | None = None, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.repo = repo
+        self.revision = revision
 
 
 def did_you_mean(name: str, existing: list[str] | tuple[str, ...] | set[str]) -> str:
@@ -49,3 +175,21 @@ def did_you_mean(name: str, existing: list[str] | tuple[str, ...] | set[str]) ->
     if not names:
         return "(there are none)"
     return "(have: " + ", ".join(names) + ")"
+
+
+__all__ = [
+    "BankNotFoundError",
+    "BranchNotFoundError",
+    "CheckpointError",
+    "ConflictError",
+    "DataError",
+    "HubError",
+    "IntegrityError",
+    "ManifestError",
+    "ModelNotFoundError",
+    "PluginError",
+    "ScalerError",
+    "StoreError",
+    "TrainConfigError",
+    "did_you_mean",
+]

@@ -7,11 +7,14 @@ gathers its tokens with ``index_select`` and scatters back with ``index_add_``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from scaler_wizard.manifests.model import PluginRef
 
 
 @dataclass
@@ -89,7 +92,7 @@ class MoELayer(nn.Module):
         self.norm = nn.LayerNorm(hidden_size)
         self.gating = gating
         #: the manifest's plugin_ref for the gating (plugin, complete config, provider)
-        self.gating_ref: dict[str, Any] | None = None
+        self.gating_ref: PluginRef | None = None
         d, h, e = hidden_size, expert_hidden, num_experts
         self.w_in = nn.Parameter(torch.empty(e, d, h))
         self.b_in = nn.Parameter(torch.zeros(e, h))

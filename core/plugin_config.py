@@ -8,10 +8,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from jsonschema.exceptions import best_match
-
 from scaler_wizard.errors import PluginError
-from scaler_wizard.manifests.validation import StrictValidator, describe
 
 _SCALARS: dict[Any, str] = {int: "integer", float: "number", bool: "boolean", str: "string"}
 _SCHEMA_KEYS = (
@@ -74,30 +71,39 @@ def config_schema(cls: type) -> dict[str, Any]:
     return out
 
 
-def build_config(config: type | dict[str, Any] | None, raw: Any, *, where: str) -> tuple[Any, dict[str, Any]]:
+def build_config(
+    config: type | dict[str, Any] | None, raw: Any, *, where: str, plugin: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Validate ``raw`` against the declared config; return (config object, complete dict).
 
     ``config`` is a dataclass type (the object is an instance), a JSON Schema dict (the
-    object is the dict, defaults filled), or None (no options accepted).
+    object is the dict, defaults filled), or None (no options accepted). ``plugin`` (the
+    registered name) is given to the PluginError raised for a bad config.
     """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise PluginError(f"{where}: expected an object, got {type(raw).__name__}")
+        raise PluginError(f"{where}: expected an object, got {type(raw).__name__}", plugin=plugin)
     if config is None:
         if raw:
-            raise PluginError(f"{where}: takes no options, got {sorted(raw)}")
+            raise PluginError(f"{where}: takes no options, got {sorted(raw)}", plugin=plugin)
         return None, {}
+    # jsonschema only here: loading plugins (``scaler --help`` does) must not import it
+    from jsonschema.exceptions import best_match
+
+    from scaler_wizard.manifests.validation import StrictValidator, describe
+
     schema = config_schema(config) if isinstance(config, type) else config
     errors = list(StrictValidator(schema).iter_errors(raw))
     if errors:
         msg = describe(best_match(errors))
-        raise PluginError(f"{where}.{msg}" if not msg.startswith("(top level)") else f"{where}{msg[11:]}")
+        text = f"{where}.{msg}" if not msg.startswith("(top level)") else f"{where}{msg[11:]}"
+        raise PluginError(text, plugin=plugin)
     if isinstance(config, type):
         try:
             obj = config(**raw)
         except (TypeError, ValueError) as exc:
-            raise PluginError(f"{where}: {exc}") from exc
+            raise PluginError(f"{where}: {exc}", plugin=plugin) from exc
         assert dataclasses.is_dataclass(obj) and not isinstance(obj, type)
         return obj, dataclasses.asdict(obj)
     filled = {k: v["default"] for k, v in schema.get("properties", {}).items() if "default" in v}

@@ -11,16 +11,15 @@ from importlib import metadata
 from typing import Any
 
 import pluggy
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
 
 from scaler_wizard import hookspecs
 from scaler_wizard.errors import PluginError, did_you_mean
 from scaler_wizard.plugin_config import build_config, config_schema
 from scaler_wizard.version import __version__
 
-#: Built-in plugins, registered exactly like a third party's.
+#: Built-in plugins, registered exactly like a third party's. Each module only registers: it
+#: imports its implementation (torch) inside the hook, so loading plugins (``scaler --help``
+#: does, for ``register_commands``) imports no torch (tests/test_startup.py).
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "scaler_wizard.plugins.gating",
     "scaler_wizard.plugins.heads",
@@ -65,7 +64,7 @@ class Registration:
         return {"distribution": self.distribution, "version": self.version}
 
     def build_config(self, raw: Any, *, where: str) -> tuple[Any, dict[str, Any]]:
-        return build_config(self.config, raw, where=where)
+        return build_config(self.config, raw, where=where, plugin=self.name)
 
 
 @dataclass
@@ -131,7 +130,9 @@ def set_strict(strict: bool | None = True) -> None:
     _strict = strict
     if strict and _host is not None and _host.failures:
         f = _host.failures[0]
-        raise PluginError(f"plugin {f.plugin!r} ({f.distribution}) failed to load: {f.error}")
+        raise PluginError(
+            f"plugin {f.plugin!r} ({f.distribution}) failed to load: {f.error}", plugin=f.plugin
+        )
 
 
 def _load_entry_points(host: PluginHost) -> None:
@@ -150,7 +151,9 @@ def _load_entry_points(host: PluginHost) -> None:
         except Exception as exc:  # a broken plugin must not take the CLI down
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             if strict_mode():
-                raise PluginError(f"plugin {ep.name!r} ({dist} {version}) failed to load: {message}") from exc
+                raise PluginError(
+                    f"plugin {ep.name!r} ({dist} {version}) failed to load: {message}", plugin=ep.name
+                ) from exc
             host.failures.append(LoadFailure(ep.name, f"{dist} {version}", message))
             print(
                 f"warning: plugin {ep.name!r} ({dist} {version}) failed to load and is skipped: {message}",
@@ -162,13 +165,19 @@ def _check_api(plugin: object, name: str) -> None:
     spec = getattr(plugin, "scaler_wizard_api", None)
     if spec is None:
         return
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet  # packaging: only when needed
+    from packaging.version import Version
+
     try:
         ok = Version(hookspecs.HOOKSPEC_VERSION) in SpecifierSet(str(spec))
     except InvalidSpecifier as exc:
-        raise PluginError(f"plugin {name!r} declares an invalid scaler_wizard_api {spec!r}") from exc
+        raise PluginError(
+            f"plugin {name!r} declares an invalid scaler_wizard_api {spec!r}", plugin=name
+        ) from exc
     if not ok:
         raise PluginError(
-            f"plugin {name!r} supports hook API {spec}, this scaler-wizard has {hookspecs.HOOKSPEC_VERSION}"
+            f"plugin {name!r} supports hook API {spec}, this scaler-wizard has {hookspecs.HOOKSPEC_VERSION}",
+            plugin=name,
         )
 
 
@@ -204,7 +213,8 @@ class Registry:
             raise PluginError(
                 f"{KIND_HELP[reg.kind]} {reg.name!r} is registered twice: by plugin "
                 f"{existing.plugin!r} ({existing.distribution}) and by plugin {reg.plugin!r} "
-                f"({reg.distribution}); uninstall one of them"
+                f"({reg.distribution}); uninstall one of them",
+                plugin=reg.plugin,
             )
         self.entries[reg.kind][reg.name] = reg
 
@@ -221,8 +231,10 @@ class Registry:
         at = f"{where}: " if where else ""
         if provider and provider.get("distribution") not in (None, SELF_DISTRIBUTION, UNKNOWN_DISTRIBUTION):
             hint = install_hint(provider.get("distribution"), provider.get("version"))
-            raise PluginError(f"{at}{KIND_HELP[kind]} plugin {name!r} is not installed{hint}")
-        raise PluginError(f"{at}unknown {KIND_HELP[kind]} {name!r} {did_you_mean(name, self.names(kind))}")
+            raise PluginError(f"{at}{KIND_HELP[kind]} plugin {name!r} is not installed{hint}", plugin=name)
+        raise PluginError(
+            f"{at}unknown {KIND_HELP[kind]} {name!r} {did_you_mean(name, self.names(kind))}", plugin=name
+        )
 
     def __iter__(self) -> Iterator[Registration]:
         for kind in self.entries.values():
@@ -237,6 +249,9 @@ def install_hint(distribution: object, version: object) -> str:
     """
     if not isinstance(distribution, str) or not isinstance(version, str):
         return "; its manifest names no valid distribution to install"
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import InvalidVersion, Version
+
     try:
         req = Requirement(distribution)
         valid_name = str(req) == distribution and req.name == distribution
@@ -284,13 +299,17 @@ def build_registry(host: PluginHost | None = None) -> Registry:
                 _version: str = version,
             ) -> None:
                 if not isinstance(name, str) or not name:
-                    raise PluginError(f"plugin {_impl.plugin_name!r} registered a {_kind} with no name")
+                    raise PluginError(
+                        f"plugin {_impl.plugin_name!r} registered a {_kind} with no name",
+                        plugin=_impl.plugin_name,
+                    )
                 if isinstance(config, type):
                     try:
                         config_schema(config)
                     except TypeError as exc:
                         raise PluginError(
-                            f"plugin {_impl.plugin_name!r}: {KIND_HELP[_kind]} {name!r} has an invalid config: {exc}"
+                            f"plugin {_impl.plugin_name!r}: {KIND_HELP[_kind]} {name!r} has an invalid config: {exc}",
+                            plugin=_impl.plugin_name,
                         ) from exc
                 doc = description or (getattr(factory, "__doc__", None) or "").strip().split("\n")[0]
                 registry.add(
@@ -303,7 +322,8 @@ def build_registry(host: PluginHost | None = None) -> Registry:
                 raise
             except Exception as exc:
                 raise PluginError(
-                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
+                    plugin=impl.plugin_name,
                 ) from exc
     return registry
 

@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from scaler_wizard.errors import ManifestError
+from scaler_wizard.names import name_problem
 
 MANIFEST_FORMAT = "scaler-wizard/manifest"
 MANIFEST_FORMAT_VERSION = 1
@@ -23,8 +24,6 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
 #: I-JSON (RFC 7493): integers beyond 2**53 are not portable, and none sizes anything real.
 MAX_SAFE_INTEGER = 2**53 - 1
-#: Names Windows reserves for devices, with or without an extension: they cannot be files there.
-WINDOWS_RESERVED = re.compile(r"(?i:con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?\Z")
 
 
 @cache
@@ -94,15 +93,6 @@ def _validator() -> Any:
     return StrictValidator(schema, format_checker=FORMATS)
 
 
-def name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a model or branch name on every OS, or None."""
-    if WINDOWS_RESERVED.match(name):
-        return f"{name!r} is a name Windows reserves for a device"
-    if name.endswith("."):
-        return f"{name!r} ends in '.', which Windows drops"
-    return None
-
-
 def check_shape(obj: Any, where: str = "manifest") -> None:
     """Refuse what would make walking ``obj`` recursive-deep or its numbers unusable.
 
@@ -114,7 +104,8 @@ def check_shape(obj: Any, where: str = "manifest") -> None:
         if isinstance(value, dict | list):
             if depth > MAX_DEPTH:
                 raise ManifestError(
-                    f"invalid {where}: {field_path(path[:4])}...: nested deeper than {MAX_DEPTH} levels"
+                    f"invalid {where}: {field_path(path[:4])}...: nested deeper than {MAX_DEPTH} levels",
+                    field=field_path(path[:4]),
                 )
             items = value.items() if isinstance(value, dict) else enumerate(value)
             stack.extend((v, depth + 1, (*path, k)) for k, v in items)
@@ -124,13 +115,20 @@ def check_shape(obj: Any, where: str = "manifest") -> None:
             if abs(value) > MAX_SAFE_INTEGER:
                 raise ManifestError(
                     f"invalid {where}: {field_path(path)}: integer {_short(str(value), 30)} is out of range "
-                    f"(at most 2**53 - 1)"
+                    f"(at most 2**53 - 1)",
+                    field=field_path(path),
                 )
         elif isinstance(value, float):
             if not math.isfinite(value):
-                raise ManifestError(f"invalid {where}: {field_path(path)}: {value} is not a JSON number")
+                raise ManifestError(
+                    f"invalid {where}: {field_path(path)}: {value} is not a JSON number",
+                    field=field_path(path),
+                )
         else:
-            raise ManifestError(f"invalid {where}: {field_path(path)}: {type(value).__name__} is not JSON")
+            raise ManifestError(
+                f"invalid {where}: {field_path(path)}: {type(value).__name__} is not JSON",
+                field=field_path(path),
+            )
 
 
 def parse_manifest_bytes(data: bytes, where: str = "manifest") -> Any:
@@ -189,6 +187,15 @@ def describe(error: ValidationError) -> str:
     return f"{where}: {error.message if len(error.message) < 200 else error.message[:197] + '...'}"
 
 
+def error_field(error: ValidationError) -> str:
+    """The JSON path of the field ``describe(error)`` names (the same deepest alternative)."""
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        deepest = max(error.context, key=lambda e: len(e.absolute_path))
+        if len(deepest.absolute_path) > len(error.absolute_path):
+            return error_field(deepest)
+    return field_path(error.absolute_path)
+
+
 def _pattern_name(pattern: str) -> str:
     if "sha256" in pattern:
         return "bank hash (sha256:<64 hex>)"
@@ -208,18 +215,21 @@ def _pattern_name(pattern: str) -> str:
 def validate_manifest(manifest: Any, *, where: str = "manifest") -> dict[str, Any]:
     """Raise ManifestError naming the first bad field; return the manifest if valid."""
     if not isinstance(manifest, dict):
-        raise ManifestError(f"{where}: top level must be a JSON object, got {type(manifest).__name__}")
+        raise ManifestError(
+            f"{where}: top level must be a JSON object, got {type(manifest).__name__}", field="(top level)"
+        )
     fmt = manifest.get("format")
     if fmt == MANIFEST_FORMAT and manifest.get("format_version") not in (None, MANIFEST_FORMAT_VERSION):
         raise ManifestError(
             f"{where}: format_version {manifest.get('format_version')!r} is not supported by this "
-            f"scaler-wizard (reads version {MANIFEST_FORMAT_VERSION}); upgrade scaler-wizard"
+            f"scaler-wizard (reads version {MANIFEST_FORMAT_VERSION}); upgrade scaler-wizard",
+            field="format_version",
         )
     check_shape(manifest, where)
     errors = list(_validator().iter_errors(manifest))
     if errors:
         err = best_match(errors)
-        raise ManifestError(f"invalid {where}: {describe(err)}")
+        raise ManifestError(f"invalid {where}: {describe(err)}", field=error_field(err))
     _check_semantics(manifest, where)
     return manifest
 
@@ -228,10 +238,12 @@ def _check_semantics(m: dict[str, Any], where: str) -> None:
     if (m["version"] == 1) != (m["parent"] is None):
         raise ManifestError(
             f"invalid {where}: parent: version {m['version']} "
-            + ("must have a parent" if m["version"] > 1 else "is the first and cannot have a parent")
+            + ("must have a parent" if m["version"] > 1 else "is the first and cannot have a parent"),
+            field="parent",
         )
     if m["trunk"]["hidden_size"] != m["base"]["hidden_size"]:
         raise ManifestError(
             f"invalid {where}: trunk.hidden_size: {m['trunk']['hidden_size']} differs from "
-            f"base.hidden_size {m['base']['hidden_size']}"
+            f"base.hidden_size {m['base']['hidden_size']}",
+            field="trunk.hidden_size",
         )

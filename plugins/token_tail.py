@@ -1,82 +1,19 @@
-"""Built-in branch strategy ``attn-mlp``: attention pooling over the trunk's token states + an MLP.
+"""Built-in branch strategy plugin ``attn-mlp``: attention pooling over the trunk's token states
+plus an MLP, trained on cached token states (issue 12).
 
-Per branch, over the shared trunk output (no pass of its own through the base):
-
-* multi-head attention pooling: each head scores every real token of ``TrunkOutput.hidden``
-  (masked) with a learned query and takes a softmax-weighted sum of its ``d / heads`` slice of
-  the (normalised) token states; the heads' sums are projected (``d -> d``) and added to the
-  mean-pooled vector;
-* a two-layer MLP (``d -> hidden -> d``, GELU, pre-LayerNorm) added residually.
-
-Both residual branches start at zero, so a new branch starts from the trunk's pooled output
-(the ``lora`` starting point) and learns which tokens matter. ``branch add`` trains it on
-cached token states (``features = "tokens"``), so training never runs the encoder.
+Registration only: the adapter lives in :mod:`scaler_wizard.plugins.attn_mlp` and is imported
+when the hook is called, so loading the plugin costs nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor, nn
-
 from scaler_wizard import hookimpl
-from scaler_wizard.branch import BranchAdapter, TrunkOutput
-
-
-@dataclass
-class AttnMLPConfig:
-    """Attention pooling over token states, then a residual two-layer MLP."""
-
-    heads: int = field(
-        default=4,
-        metadata={
-            "help": "attention-pooling heads (each pools a d/heads slice; must divide d)",
-            "minimum": 1,
-        },
-    )
-    hidden: int = field(default=256, metadata={"help": "width of the MLP's hidden layer", "minimum": 1})
-    dropout: float = field(
-        default=0.1,
-        metadata={"help": "dropout on the token states and in the MLP", "minimum": 0, "maximum": 1},
-    )
-
-
-class AttentionMLP(BranchAdapter):
-    #: what ``branch add`` caches for it: the trunk's token states, not only the pooled vector
-    features = "tokens"
-
-    def __init__(self, config: AttnMLPConfig, *, hidden_size: int) -> None:
-        super().__init__()
-        self.out_features = hidden_size
-        self.heads = config.heads
-        self.dropout = nn.Dropout(config.dropout)
-        self.token_norm = nn.LayerNorm(hidden_size)
-        self.mlp_norm = nn.LayerNorm(hidden_size)
-        self.score = nn.Linear(hidden_size, config.heads)  # one query per head
-        if hidden_size % config.heads:
-            raise ValueError(f"heads ({config.heads}) must divide the hidden size ({hidden_size})")
-        self.proj = nn.Linear(hidden_size, hidden_size)  # the heads' pooled slices -> d
-        self.mlp_in = nn.Linear(hidden_size, config.hidden)
-        self.mlp_out = nn.Linear(config.hidden, hidden_size)
-        self.act = nn.GELU()
-        for zero in (self.proj, self.mlp_out):  # start exactly at the pooled vector
-            nn.init.zeros_(zero.weight)
-            nn.init.zeros_(zero.bias)
-
-    def forward(self, trunk: TrunkOutput) -> Tensor:
-        x, mask = trunk.hidden, trunk.mask  # (B, T, d), (B, T)
-        b, t, d = x.shape
-        h = self.dropout(self.token_norm(x))
-        scores = self.score(h).masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min)  # (B, T, H)
-        weights = torch.softmax(scores, dim=1)  # over tokens
-        per_head = h.reshape(b, t, self.heads, d // self.heads)  # (B, T, H, d/H)
-        attended = torch.einsum("bth,bthk->bhk", weights, per_head).reshape(b, d)
-        z = trunk.pooled + self.proj(attended)
-        return z + self.mlp_out(self.dropout(self.act(self.mlp_in(self.mlp_norm(z)))))
 
 
 @hookimpl
 def register_branch_strategies(register: Any) -> None:
+    from scaler_wizard.plugins.attn_mlp import AttentionMLP, AttnMLPConfig
+
     register("attn-mlp", AttentionMLP, config=AttnMLPConfig)

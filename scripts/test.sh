@@ -7,6 +7,7 @@ export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check core plugins banks manifests cli bench examples tests
 .venv/bin/mypy
+.venv/bin/lint-imports  # the part rules: [tool.importlinter] in pyproject.toml
 set +e
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 rc=$?

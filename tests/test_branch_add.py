@@ -308,7 +308,7 @@ def test_features_come_from_the_cache_and_a_damaged_cache_is_recomputed(
 
 
 def same_tensors(store: ContentStore, a: str, b: str) -> bool:
-    from scaler_wizard.banks.safetensors_bank import load_bank_tensors
+    from scaler_wizard.modeling.tensor_banks import load_bank_tensors
 
     ta, tb = (load_bank_tensors(store.verified_path(h)) for h in (a, b))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

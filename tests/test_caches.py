@@ -24,22 +24,22 @@ from train_helpers import SMS as TRAIN_SMS
 from train_helpers import TREC, copy_store, one_thread, tiny_template  # noqa: F401
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors
+from scaler_wizard.caches.base_states import KIND as STATES_KIND
 from scaler_wizard.caches.base_states import cache_dir as states_dir
 from scaler_wizard.caches.base_states import cached_states
 from scaler_wizard.caches.bound_cache import write_bound
+from scaler_wizard.caches.features import KIND as FEATURE_KIND
 from scaler_wizard.caches.features import cache_dir as features_dir
 from scaler_wizard.caches.features import feature_key
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.compose import compose, trunk_id
+from scaler_wizard.modeling.tensor_banks import load_bank_tensors
 from scaler_wizard.training.branch_add import DataSpec, add_branch
 from scaler_wizard.training.branch_fit import BranchTrainingConfig
 
 SMS = DATA / "samples" / "sms_spam_small.csv"
 FAST = BranchTrainingConfig(epochs=3)
 BANKS = ("adapter_bank", "head_bank")
-FEATURE_KIND = "feature-cache"
-STATES_KIND = "base-states"
 
 
 @dataclass

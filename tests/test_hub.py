@@ -25,12 +25,12 @@ from huggingface_hub import CommitOperationAdd, ModelCard, snapshot_download
 from huggingface_hub.hf_api import RepoFile
 
 from scaler_wizard.banks import BankHash, ContentStore, sha256_file
-from scaler_wizard.banks.hub import HubRepo, publish, pull
 from scaler_wizard.banks.model_card import model_card
 from scaler_wizard.errors import BranchNotFoundError, ConflictError, IntegrityError, ScalerError
 from scaler_wizard.manifests import validate_manifest
 from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.modeling.verify import verify_version
+from scaler_wizard.remote import HubRepo, publish, pull
 from scaler_wizard.versions.history import history, rollback
 
 hub_server = hub_fixtures.hub_server  # the test Hub's fixtures, used by name below

@@ -18,11 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from scaler_wizard.banks import BankHash, ContentStore, encode_bank
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
+from scaler_wizard.banks import BankHash, ContentStore
+from scaler_wizard.banks.safetensors_bank import read_bank_metadata
 from scaler_wizard.errors import IntegrityError, ScalerError, StoreError
+from scaler_wizard.manifests.facts import banks_of
 from scaler_wizard.modeling.compose import compose
-from scaler_wizard.modeling.verify import banks_of, verify_version
+from scaler_wizard.modeling.tensor_banks import encode_bank, load_bank_tensors
+from scaler_wizard.modeling.verify import verify_version
 
 FUZZ = settings(
     max_examples=200,

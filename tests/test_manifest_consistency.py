@@ -26,16 +26,15 @@ import pytest
 import torch
 from conftest import _copy_store, _perturb, run_scaler
 
-from scaler_wizard.banks import BankHash, ContentStore, encode_bank
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
+from scaler_wizard.banks import BankHash, ContentStore
+from scaler_wizard.banks.safetensors_bank import read_bank_metadata
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.manifests import validate_manifest
-from scaler_wizard.modeling.bank_checks import (
-    head_meta,
-    legacy_trunk_id,
-    trunk_id,
-)
+from scaler_wizard.manifests.facts import legacy_trunk_id, trunk_id
+from scaler_wizard.manifests.model import PluginRef, parse_manifest
+from scaler_wizard.modeling.bank_checks import head_meta
 from scaler_wizard.modeling.compose import compose, new_branch, save_version
+from scaler_wizard.modeling.tensor_banks import encode_bank, load_bank_tensors
 from scaler_wizard.modeling.verify import verify_version
 
 Manifest = dict[str, Any]
@@ -241,7 +240,9 @@ def test_verify_load_checks_each_bank(twins: ContentStore, tensors: dict[str, to
     m = head_of(twins)
     entry = m["branches"]["spam"]
     bank = encode_bank(
-        tensors, kind="head", metadata={**head_meta("spam", entry["head"], entry["labels"]), "meta": "2"}
+        tensors,
+        kind="head",
+        metadata={**head_meta("spam", PluginRef.from_dict(entry["head"]), entry["labels"]), "meta": "2"},
     )
     entry["head_bank"] = str(twins.put_bytes(bank.data))
     h = install(twins, m)
@@ -387,9 +388,9 @@ def test_a_config_with_extra_weights_in_the_bank_is_refused_by_load_base(twins: 
 def test_pull_into_accepts_a_branch_recorded_with_the_old_trunk_id(twins: ContentStore) -> None:
     """``pull --into`` compares a remote branch's recorded trunk with the local one under both
     schemes: a model published before scheme 2 can still graft onto the same trunk."""
-    from scaler_wizard.banks import hub
     from scaler_wizard.banks.store import canonical_json
     from scaler_wizard.errors import ConflictError
+    from scaler_wizard.remote import sync as hub
     from scaler_wizard.versions.history import find_version
 
     with twins.lock():
@@ -401,7 +402,7 @@ def test_pull_into_accepts_a_branch_recorded_with_the_old_trunk_id(twins: Conten
         remote["branches"]["spam2"]["trunk"] = recorded
         return hub._plan(
             twins,
-            remote,
+            parse_manifest(remote),
             BankHash.of_bytes(canonical_json(remote)),
             source,
             as_name=None,
@@ -410,7 +411,7 @@ def test_pull_into_accepts_a_branch_recorded_with_the_old_trunk_id(twins: Conten
         )
 
     for recorded in (trunk_id(remote), legacy_trunk_id(remote)):
-        assert sorted(plan(recorded).target["branches"]) == ["spam", "spam2", "topic"]
+        assert sorted(plan(recorded).target.branches) == ["spam", "spam2", "topic"]
     with pytest.raises(ConflictError, match="spam2"):
         plan("sha256:" + "2" * 64)
 

@@ -317,3 +317,30 @@ def test_a_sample_of_fuzzed_manifests_through_the_cli(
             assert len(lines) == 1 and lines[0].startswith("error: "), (argv, proc.stderr)
         codes[proc.returncode] += 1
     assert len(jobs) == N_CLI and codes[1] > 0, codes
+
+
+def test_fuzzed_manifests_parse_to_the_typed_model_and_back_exactly(store: ContentStore) -> None:
+    """The same mutants through ``parse_manifest``: it refuses exactly what ``validate_manifest``
+    refuses (same one line), and every accepted mutant comes back byte for byte from the typed
+    model, so no field is lost, reordered, retyped or invented."""
+    from scaler_wizard.manifests.model import parse_manifest
+
+    base = copy.deepcopy(store.get_manifest(store.resolve("demo")))
+    accepted = 0
+    for i, m in enumerate(mutants(base)):
+        raw = encode(m)
+        if raw is None:
+            continue
+        try:
+            expected = validate_manifest(parse_manifest_bytes(raw, f"mutant {i}"), where=f"mutant {i}")
+        except ManifestError as exc:
+            with pytest.raises(ManifestError) as info:
+                parse_manifest(raw, where=f"mutant {i}")
+            assert str(info.value) == str(exc)
+            assert_one_line(info.value)
+            continue
+        typed = parse_manifest(raw, where=f"mutant {i}", canonical=True)
+        assert canonical_json(typed.to_dict()) == raw, f"mutant {i}"
+        assert typed.to_dict() == expected and typed.hash == BankHash.of_bytes(raw)
+        accepted += 1
+    assert accepted >= 50

@@ -209,7 +209,7 @@ def test_manifest_bytes_are_parsed_within_limits(raw: bytes, needle: str) -> Non
 
 
 def test_the_store_and_the_hub_parse_within_limits(store: ContentStore, monkeypatch: Any) -> None:
-    from scaler_wizard.banks.hub import _parse_manifest
+    from scaler_wizard.remote.sync import _parse_manifest
 
     raw = b"[" * 100_000 + b"]" * 100_000
     h = BankHash.of_bytes(raw)

@@ -130,7 +130,7 @@ ROUND_TRIP = textwrap.dedent(
     with torch.no_grad():
         out = model(**batch)
     save_file({n: t.contiguous() for n, t in out.logits.items()}, out_path,
-              metadata={"version": str(model.origin.manifest["version"])})
+              metadata={"version": str(model.origin.manifest.version)})
     """
 )
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from scaler_wizard.banks import ContentStore, encode_bank
+from scaler_wizard.banks import ContentStore
 from scaler_wizard.modeling.compose import compose, new_trunk_layer
+from scaler_wizard.modeling.tensor_banks import encode_bank
 from scaler_wizard.moe import MoELayer, Routing, apply_capacity, load_balancing_loss
-from scaler_wizard.plugins.gating import SwitchConfig, SwitchGating, TopKConfig, TopKGating
+from scaler_wizard.plugins.topk_gating import SwitchConfig, SwitchGating, TopKConfig, TopKGating
 
 
 def topk_gating(d: int, e: int, **config: object) -> TopKGating:

@@ -26,8 +26,9 @@ from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.banks.store import TREE_FORMAT, canonical_json
 from scaler_wizard.errors import IntegrityError
 from scaler_wizard.modeling.compose import compose, new_branch, save_version
-from scaler_wizard.modeling.peft_safety import check_adapter_config
 from scaler_wizard.modeling.verify import verify_version
+from scaler_wizard.plugins.peft_impl import load_adapter, peft_model
+from scaler_wizard.plugins.peft_safety import check_adapter_config
 
 TEXTS = ["Free entry in a weekly competition, text WIN now", "Who wrote Hamlet?", "see you at 5"]
 OTHERS = ("spam", "topic")
@@ -210,8 +211,9 @@ def test_a_folder_bank_without_safetensors_is_refused_at_load(pstore: ContentSto
     (folder / "adapter_config.json").write_bytes(files["adapter_config.json"])
     (folder / "adapter_model.bin").write_bytes(_pickled_state(files))
     with pytest.raises(IntegrityError, match="'adapter_model.bin' is not allowed"):
-        model.base.load_peft_adapter("intent", folder)
-    assert model.base.peft is None
+        load_adapter(model.base, "intent", folder)
+    assert peft_model(model.base) is None
+    assert not any("lora_" in name for name, _ in model.base.model.named_parameters())
 
 
 def test_cli_refuses_a_pickle_adapter_in_verify_and_predict(pstore: ContentStore) -> None:
@@ -238,7 +240,7 @@ def test_pull_refuses_a_tree_with_a_pickle_member_and_stores_nothing(
     pstore: ContentStore, tmp_path: Path
 ) -> None:
     """The pull path (hub._fetch_objects) reads each downloaded tree through read_tree."""
-    from scaler_wizard.banks import hub
+    from scaler_wizard.remote import sync as hub
 
     remote_root = tmp_path / "remote"
     _copy_store(pstore.root, remote_root)
@@ -327,7 +329,7 @@ def _legit_config(peft_root: Path) -> dict[str, Any]:
 def test_the_config_peft_writes_is_accepted_and_every_field_it_can_write_is_known(peft_root: Path) -> None:
     from peft import LoraConfig
 
-    from scaler_wizard.modeling import peft_safety
+    from scaler_wizard.plugins import peft_safety
 
     args = check_adapter_config(_legit_config(peft_root), where="x")
     assert args["r"] == 8 and sorted(args["target_modules"]) == ["query", "value"]
@@ -475,7 +477,7 @@ def test_peft_lora_settings_the_loader_would_refuse_are_refused_before_training(
     ids=["garbage", "bad-utf8", "huge", "deep", "list", "padded"],
 )
 def test_a_malformed_adapter_config_is_refused_with_one_line(tmp_path: Path, raw: bytes, needle: str) -> None:
-    from scaler_wizard.modeling.peft_safety import read_adapter_config
+    from scaler_wizard.plugins.peft_safety import read_adapter_config
 
     path = tmp_path / "adapter_config.json"
     path.write_bytes(raw)

@@ -12,6 +12,7 @@ from conftest import DATA, run_scaler
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.modeling.compose import compose, new_branch, save_version
 from scaler_wizard.modeling.verify import verify_version
+from scaler_wizard.plugins.peft_impl import SWITCH_KEY, peft_model
 
 TEXTS = ["Free entry in a weekly competition, text WIN now", "Who wrote Hamlet?", "see you at 5"]
 
@@ -120,7 +121,7 @@ def test_remove_peft_branch(store: ContentStore) -> None:
     save_version(store, m, message="remove intent")
     m2 = compose(store, "demo")
     assert m2.branch_names == ["spam", "topic"]
-    assert m2.base.peft is None
+    assert peft_model(m2.base) is None and m2.base.adapter_switch(SWITCH_KEY) is None
 
 
 @pytest.mark.slow

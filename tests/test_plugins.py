@@ -289,9 +289,9 @@ def test_registered_gating_plugin_initialises_saves_and_composes(
     model.add_branch("spam", new_branch(hidden_size=384, labels=["ham", "spam"]))
     save_version(store, model, message="add spam")
     again = compose(store, "rr")
-    assert again.origin is not None and again.origin.manifest["version"] == 2
+    assert again.origin is not None and again.origin.manifest.version == 2
     assert isinstance(again.trunk.layers[0].gating, RoundRobinGating)
-    assert again.origin.manifest["trunk"]["layers"][0]["gating"] == v1["trunk"]["layers"][0]["gating"]
+    assert again.origin.manifest.trunk.layers[0].gating.to_dict() == v1["trunk"]["layers"][0]["gating"]
 
     # Without the plugin the model is refused, naming the field and what is available.
     get_plugin_manager().unregister(name="test-round-robin")
@@ -486,7 +486,7 @@ def test_defaults_are_filled_into_the_manifest(store: ContentStore, register_plu
 
     layer = new_trunk_layer(hidden_size=8, num_experts=4, gating="switch", gating_config={"jitter": 0.1})
     assert layer.gating_ref is not None
-    assert layer.gating_ref["config"] == {
+    assert layer.gating_ref.config_dict() == {
         "jitter": 0.1,
         "capacity_factor": None,
         "capacity_at_inference": False,
@@ -747,6 +747,8 @@ PUBLIC_API = {
     "scaler_wizard.branch",
     "scaler_wizard.banks",
     "scaler_wizard.hookspecs",
+    "scaler_wizard.encoder_host",  # issue 11 item 6: what in-encoder strategies see of the base
+    "scaler_wizard.errors",
 }
 
 
@@ -765,7 +767,12 @@ def test_built_in_plugins_import_only_the_public_api(path: Path) -> None:
             top = module.split(".")[0]
             assert top not in {"core", "plugins", "banks", "manifests", "cli"}, f"{path.name}: {module}"
             if top == "scaler_wizard":
-                assert module in PUBLIC_API, f"{path.name}:{node.lineno} imports non-public {module}"
+                # a built-in's own implementation module is a sibling, itself checked by this test
+                own = (
+                    module.startswith("scaler_wizard.plugins.")
+                    and (REPO / "plugins" / (module.rsplit(".", 1)[1] + ".py")).is_file()
+                )
+                assert module in PUBLIC_API or own, f"{path.name}:{node.lineno} imports non-public {module}"
 
 
 def test_plugins_command_json_has_schemas_for_every_registration() -> None:

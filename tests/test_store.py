@@ -185,7 +185,7 @@ def test_name_at_version_and_hash_prefixes(store: ContentStore) -> None:
     assert resolve_version(store, f"demo@sha256:{v[1].hex[:4]}") == ("demo", v[1])
     assert resolve_version(store, str(v[1])) == ("demo", v[1])
     model = compose(store, "demo@1")
-    assert model.origin.manifest_hash == v[1] and model.origin.manifest["version"] == 1
+    assert model.origin.manifest_hash == v[1] and model.origin.manifest.version == 1
 
 
 def test_unknown_versions_and_models_list_what_exists(store: ContentStore) -> None:
@@ -453,3 +453,32 @@ def test_relative_store_path_composes(store_path: Path, monkeypatch: pytest.Monk
     assert rel.root.is_absolute()
     model = compose(rel, "demo")
     assert model.predict(["hello"], ["spam"])["spam"][0].label in ("ham", "spam")
+
+
+def test_the_store_reads_a_manifest_typed_and_validated_in_one_place(store: ContentStore) -> None:
+    """``ContentStore.manifest`` checks the hash, parses and validates; ``put_manifest`` takes
+    the typed model or its JSON and writes the same canonical bytes (the manifests' own form)."""
+    from scaler_wizard.manifests.model import Manifest
+    from scaler_wizard.manifests.model import canonical_json as manifests_canonical_json
+
+    h = store.resolve("demo")
+    m = store.manifest(h)
+    assert isinstance(m, Manifest) and m.hash == h and m.name == "demo"
+    raw = store.manifest_path(h).read_bytes()
+    assert canonical_json(m.to_dict()) == manifests_canonical_json(m.to_dict()) == raw == m.to_bytes()
+    with store.lock():
+        assert store.put_manifest(m) == h == store.put_manifest(m.to_dict())
+    # valid JSON, hash intact, but not a manifest: one line naming the field, and ``where``
+    bad = {**m.to_dict(), "version": 0}
+    with store.lock():
+        bh = store.put_manifest(bad)
+    with pytest.raises(ManifestError) as info:
+        store.manifest(bh, where="manifest under test")
+    text = str(info.value)
+    assert "\n" not in text and "manifest under test: version:" in text
+    assert store.get_manifest(bh)["version"] == 0  # the raw reader still only checks the hash
+    path = store.manifest_path(h)
+    os.chmod(path, 0o644)
+    tamper_object(path, offset=10)
+    with pytest.raises(IntegrityError):
+        store.manifest(h)

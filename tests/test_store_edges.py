@@ -92,7 +92,7 @@ def test_cli_versions_stay_unique_after_a_rollback(store: ContentStore, scaler_e
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 def test_pull_into_after_a_rollback_takes_a_new_number(store: ContentStore, hub_env: HubServer) -> None:
-    from scaler_wizard.banks.hub import publish, pull
+    from scaler_wizard.remote import publish, pull
 
     repo_id = f"{hub_env.user}/edges-{os.getpid()}-{time.time_ns()}"
     publish(store, "demo", repo_id)

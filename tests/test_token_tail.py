@@ -17,7 +17,6 @@ from conftest import DATA, run_scaler
 from torch import Tensor
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors
 from scaler_wizard.caches.bound_cache import read_bound, write_bound
 from scaler_wizard.caches.features import feature_kind
 from scaler_wizard.caches.token_features import (
@@ -32,7 +31,8 @@ from scaler_wizard.caches.token_features import (
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.compose import compose, new_branch, trunk_id
 from scaler_wizard.modeling.model import ScalerModel
-from scaler_wizard.plugins.token_tail import AttentionMLP, AttnMLPConfig
+from scaler_wizard.modeling.tensor_banks import load_bank_tensors
+from scaler_wizard.plugins.attn_mlp import AttentionMLP, AttnMLPConfig
 from scaler_wizard.training.branch_add import DEFAULT_STRATEGY, DataSpec, add_branch
 from scaler_wizard.training.branch_fit import BranchTrainingConfig
 

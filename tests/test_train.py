@@ -25,12 +25,12 @@ from scaler_wizard.training.config import (
 )
 from scaler_wizard.training.loop import (
     make_accelerator,
-    parameter_groups,
     plan_run,
     start_run,
     train_run,
 )
 from scaler_wizard.training.monitor import QualityChecks
+from scaler_wizard.training.multitask import parameter_groups
 from scaler_wizard.training.sampler import MixedBatchSampler, sampling_probabilities
 
 SMALL = {"steps": 8, "batch_size": 16, "eval_every": 4, "checkpoint_every": 4, "check_window": 4}
@@ -132,7 +132,7 @@ def test_trains_trunk_on_real_data_and_writes_a_version(tiny: ContentStore, tmp_
 
 @pytest.mark.usefixtures("one_thread")
 def test_recipe_parameter_groups_and_warmup(tiny: ContentStore) -> None:
-    from scaler_wizard.training.loop import MultiTaskModule
+    from scaler_wizard.training.multitask import MultiTaskModule
 
     model = compose(tiny, "tiny")
     branch = new_branch(hidden_size=384, labels=["a", "b"])

@@ -39,8 +39,8 @@ def tiny_template(factory: pytest.TempPathFactory) -> Path:
         return _TEMPLATES["tiny"]
     from scaler_wizard.caches.base_states import cached_states
     from scaler_wizard.modeling.compose import compose, init_model
+    from scaler_wizard.training.batches import load_branch_data
     from scaler_wizard.training.config import BranchSpec, TrainConfig
-    from scaler_wizard.training.loop import load_branch_data
 
     root = factory.mktemp("train-template") / "store"
     store = ContentStore.open(root, create=True)
@@ -90,7 +90,7 @@ def records(run_dir: Path, event: str = "train") -> list[dict[str, Any]]:
 
 def result_banks(store: ContentStore, model: str) -> dict[str, str]:
     """Every bank of the model's current version, by field."""
-    from scaler_wizard.modeling.verify import banks_of
+    from scaler_wizard.manifests.facts import banks_of
 
     m = store.get_manifest(store.resolve(model))
     return {f: h for f, h, _ in banks_of(m)}

@@ -4,7 +4,9 @@ The trunk works on tokens, so the cache keeps every example's last hidden states
 length, as one flat ``(total_tokens, d)`` tensor plus ``offsets`` (N + 1): example ``i`` is
 ``states[offsets[i]:offsets[i + 1]]``. The key is the base bank, its tokenizer files, the
 max length, the dtype and the texts, so any change to those is a new cache file, never a
-stale one.
+stale one. Files follow the caches' one rule (core/caches/bound_cache.py): bound to that key,
+the base, rows, dtype, max length and hidden size, sealed by a checksum, finite, and with
+offsets that cut the states into the examples; a damaged file is recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.caches.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.caches.bound_cache import CacheSpec, Ragged, cached, require_finite
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.base_encoder import BaseEncoder
 
 Progress = Callable[[int], None]
+#: The store's cache kind (its folder under ``cache/``, and the kind bound inside each file).
 KIND = "base-states"
 
 
@@ -94,7 +97,7 @@ def compute_states(
 
 
 def cache_dir(store: ContentStore) -> Path:
-    return store.root / "cache" / "base-states"
+    return store.cache_dir(KIND)
 
 
 def cached_states(
@@ -111,40 +114,30 @@ def cached_states(
     """(states, came_from_cache). Fresh states are written and then read back from the file,
     so a run that computed them and one that found them train on exactly the same numbers.
     A cache file is used only if everything bound inside it (its key, base, row count, dtype,
-    shapes, checksum) matches and it is finite; anything else is recomputed, never trusted."""
+    shapes, checksum) matches, it is finite and its offsets cut its states into the examples;
+    anything else is recomputed, never trusted."""
     dtype_name = "float16" if float16 else "float32"
     dtype = torch.float16 if float16 else torch.float32
-    key = states_key(base_entry, texts, max_length=base.max_length, dtype=dtype_name)
-    path = cache_dir(store) / f"{key}.safetensors"
-    bound = {
-        "base": base_entry["bank"],
-        "rows": len(texts),
-        "dtype": dtype_name,
-        "max_length": base.max_length,
-        "hidden": base.hidden_size,
-    }
-    found = _read(path, key, bound, dtype, len(texts), base.hidden_size)
-    if found is not None:
-        if progress:
-            progress(len(texts))
-        return found, True
-    states = compute_states(base, texts, dtype=dtype, device=device, progress=progress)
-    require_finite(states.flat, "base states")
-    if not write:
-        return states, False
-    write_bound(path, {"states": states.flat, "offsets": states.offsets}, kind=KIND, key=key, bound=bound)
-    return _read(path, key, bound, dtype, len(texts), base.hidden_size) or states, False
+    spec = CacheSpec(
+        kind=KIND,
+        key=states_key(base_entry, texts, max_length=base.max_length, dtype=dtype_name),
+        bound={
+            "base": base_entry["bank"],
+            "rows": len(texts),
+            "dtype": dtype_name,
+            "max_length": base.max_length,
+            "hidden": base.hidden_size,
+        },
+        expect={"states": (dtype, (None, base.hidden_size)), "offsets": (torch.int64, (len(texts) + 1,))},
+        ragged=Ragged("offsets", "states"),
+    )
 
+    def compute() -> dict[str, Tensor]:
+        states = compute_states(base, texts, dtype=dtype, device=device, progress=progress)
+        require_finite(states.flat, "base states")
+        return {"states": states.flat, "offsets": states.offsets}
 
-def _read(
-    path: Path, key: str, bound: dict[str, Any], dtype: torch.dtype, rows: int, hidden: int
-) -> TokenStates | None:
-    expect = {"states": (dtype, (None, hidden)), "offsets": (torch.int64, (rows + 1,))}
-    tensors = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
-    if tensors is None:
-        return None
-    flat, offsets = tensors["states"], tensors["offsets"]
-    # The checksum binds the bytes to what the writer wrote; offsets must still describe flat.
-    if int(offsets[0]) != 0 or int(offsets[-1]) != flat.shape[0] or bool((offsets[1:] < offsets[:-1]).any()):
-        return None
-    return TokenStates(flat, offsets)
+    tensors, hit = cached(store, spec, compute, write=write)
+    if hit and progress:
+        progress(len(texts))
+    return TokenStates(tensors["states"], tensors["offsets"]), hit

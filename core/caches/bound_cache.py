@@ -1,12 +1,28 @@
-"""Derived-cache files bound to the key they were computed from.
+"""The derived caches' one integrity rule (issue 11 item 5), for every kind of cache file.
 
-A cache file (trunk features, base states) is named by a hash of its inputs, but a name is
-only a claim: a file copied over another's name, damaged on disk, or written by something
-else must never be used. So every file carries, inside its safetensors metadata, the key it
-was computed from and the facts a reader can check (kind, key, row count, dtype, shapes,
-anything else the writer binds) plus a checksum of its tensors. A reader accepts the file
-only when *all* of that matches what it expects and every floating tensor is finite;
-anything else is a miss (logged once as a warning) and the caller recomputes.
+The store keeps three derived caches, one folder each, placed by
+``ContentStore.cache_path(kind, key)``: ``features`` (the trunk's pooled output, for
+``branch add``), ``tokens`` (the trunk's token states, for token-reading strategies) and
+``base-states`` (the frozen base's token states, for ``scaler train``). A file is named by a
+hash of its inputs (its *key*), but a name is only a claim: a file copied over another's name,
+damaged on disk, truncated by a full disk, or written by something else must never be used.
+
+So every cache file, whatever its kind, is one safetensors file written atomically (temp file
+and rename: a reader sees the old file or the new one, never half of one) that carries in its
+metadata the binding version, its kind, its key, the inputs it is bound to (trunk or base, row
+count, dtype, max length, ...), every tensor's dtype and shape, and a sha256 *seal* over all of
+that and the tensors' bytes. It is read through :func:`read_cache` only, which returns the
+tensors when everything matches what the caller expects, and None (a miss: recompute) when the
+file is missing, unreadable or truncated, of another kind or binding version, computed from
+another key or other inputs, holds other tensors or other dtypes or shapes, does not match its
+seal (a flipped byte, or a header that lies about what follows it), holds a NaN or an infinity,
+or fails the kind's own structural check (offsets that do not cut the flat states into the
+examples). :func:`cached` computes on a miss, writes the result over the file and reads it
+back, so a run that computed the values and one that found them use the very same numbers.
+
+Files written before binding version 3 (whose checksum covered the tensors' bytes only, not
+their names, dtypes, shapes or key), including every cache file already on users' disks from
+earlier releases, are simply misses: recomputed and overwritten, never trusted, never an error.
 """
 
 from __future__ import annotations
@@ -15,42 +31,128 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.atomic import atomic_writer
-from scaler_wizard.banks.safetensors_bank import encode_bank, load_bank_tensors, read_bank_metadata
+from scaler_wizard.banks.safetensors_bank import read_bank_metadata
 from scaler_wizard.errors import ScalerError
+from scaler_wizard.modeling.tensor_banks import encode_bank, load_bank_tensors
 
 log = logging.getLogger(__name__)
 
 #: Bumped when the binding changes: older files are then misses, never misread.
-BINDING_VERSION = "2"
+BINDING_VERSION = "3"
+
+#: Each tensor's dtype and shape (``None`` for a size the reader cannot know in advance).
+Expect = Mapping[str, tuple[torch.dtype, tuple[int | None, ...]]]
 
 
-def tensors_checksum(tensors: Mapping[str, Tensor]) -> str:
-    """sha256 over the tensors' bytes, in name order (their names, dtypes and shapes are
-    bound separately, in the ``tensors`` metadata)."""
+@dataclass(frozen=True)
+class Ragged:
+    """``offsets`` (n + 1, int64) cuts ``flat`` (total, d) into n examples: example ``i`` is
+    ``flat[offsets[i]:offsets[i + 1]]``, of ``min_rows``..``max_rows`` rows."""
+
+    offsets: str
+    flat: str
+    min_rows: int = 0
+    max_rows: int | None = None
+
+    def holds(self, tensors: Mapping[str, Tensor]) -> bool:
+        offsets, flat = tensors[self.offsets], tensors[self.flat]
+        if offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != int(flat.shape[0]):
+            return False
+        steps = offsets[1:] - offsets[:-1]
+        if bool((steps < self.min_rows).any()):
+            return False
+        return self.max_rows is None or not bool((steps > self.max_rows).any())
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What one cache file must be: its store ``kind``, its ``key`` (hex digest of the inputs),
+    the inputs it is ``bound`` to, the tensors it holds (``expect``) and, for variable-length
+    examples, how their offsets cut the flat tensor (``ragged``)."""
+
+    kind: str
+    key: str
+    bound: Mapping[str, object]
+    expect: Expect
+    ragged: Ragged | None = None
+
+    def path(self, store: ContentStore) -> Path:
+        return store.cache_path(self.kind, self.key)
+
+
+def read_cache(store: ContentStore, spec: CacheSpec) -> dict[str, Tensor] | None:
+    """The cache file's tensors (memory-mapped) if everything about it is what ``spec`` says,
+    else None: missing, damaged, from another key or inputs, non-finite or mis-shaped."""
+    path = spec.path(store)
+    tensors = read_bound(path, kind=spec.kind, key=spec.key, bound=spec.bound, expect=spec.expect)
+    if tensors is not None and spec.ragged is not None and not spec.ragged.holds(tensors):
+        log.warning("cache file %s not used (offsets do not cut its states): recomputing", path.name)
+        return None
+    return tensors
+
+
+def cached(
+    store: ContentStore,
+    spec: CacheSpec,
+    compute: Callable[[], Mapping[str, Tensor]],
+    *,
+    write: bool = True,
+    reopen: bool = True,
+) -> tuple[dict[str, Tensor], bool]:
+    """(tensors, came from the cache). On a miss, ``compute()`` (which refuses non-finite
+    values with its own message), then, with ``write``, the fresh tensors overwrite the file;
+    with ``reopen`` they are read back from it (memory-mapped, so the fresh copy can be freed,
+    and the very bytes a later hit gives), or are the fresh tensors if the write failed."""
+    found = read_cache(store, spec)
+    if found is not None:
+        return found, True
+    fresh = dict(compute())
+    if not write:
+        return fresh, False
+    write_bound(spec.path(store), fresh, kind=spec.kind, key=spec.key, bound=spec.bound)
+    again = read_cache(store, spec) if reopen else None
+    return (fresh if again is None else again), False
+
+
+# -- the file format: path-level primitives ---------------------------------------------------
+
+
+def tensors_checksum(tensors: Mapping[str, Tensor], header: Mapping[str, object] | None = None) -> str:
+    """The seal: sha256 over ``header`` (binding, kind, key, bound inputs; canonical JSON),
+    then each tensor in name order as its name, dtype and shape followed by its bytes."""
     digest = hashlib.sha256()
+    digest.update(json.dumps(dict(header or {}), sort_keys=True, ensure_ascii=False).encode() + b"\n")
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\n")
         if t.numel():
             digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return "sha256:" + digest.hexdigest()
 
 
+def _header(kind: str, key: str, bound: Mapping[str, object]) -> dict[str, object]:
+    return {"binding": BINDING_VERSION, "kind": kind, "key": key, "bound": dict(bound)}
+
+
 def write_bound(
     path: Path, tensors: Mapping[str, Tensor], *, kind: str, key: str, bound: Mapping[str, object]
 ) -> None:
-    """Write a cache file bound to ``key`` and ``bound`` (failing to write a cache is not fatal)."""
+    """Write a cache file bound to ``key`` and ``bound``, atomically (a cache that cannot be
+    written is not fatal: the next run recomputes it)."""
     meta: dict[str, object] = {
         "binding": BINDING_VERSION,
         "key": key,
         "tensors": {n: [str(t.dtype), list(t.shape)] for n, t in sorted(tensors.items())},
-        "sha256": tensors_checksum(tensors),
+        "sha256": tensors_checksum(tensors, _header(kind, key, bound)),
         **bound,
     }
     bank = encode_bank(dict(tensors), kind=kind, metadata=meta)
@@ -59,17 +161,11 @@ def write_bound(
 
 
 def read_bound(
-    path: Path,
-    *,
-    kind: str,
-    key: str,
-    bound: Mapping[str, object],
-    expect: Mapping[str, tuple[torch.dtype, tuple[int | None, ...]]],
+    path: Path, *, kind: str, key: str, bound: Mapping[str, object], expect: Expect
 ) -> dict[str, Tensor] | None:
     """The file's tensors if everything about it matches, else None (a miss: recompute).
 
-    ``expect`` gives each tensor's dtype and shape (``None`` for a size the reader cannot
-    know in advance); no other tensor may be in the file.
+    ``expect`` gives each tensor's dtype and shape; no other tensor may be in the file.
     """
     if not path.is_file():
         return None
@@ -81,17 +177,12 @@ def read_bound(
 
 
 def _mismatch(
-    path: Path,
-    *,
-    kind: str,
-    key: str,
-    bound: Mapping[str, object],
-    expect: Mapping[str, tuple[torch.dtype, tuple[int | None, ...]]],
+    path: Path, *, kind: str, key: str, bound: Mapping[str, object], expect: Expect
 ) -> dict[str, Tensor] | str:
     try:
         meta = read_bank_metadata(path)
         tensors = load_bank_tensors(path)
-    except ScalerError:
+    except Exception:  # whatever a damaged file makes the reader raise, it is a miss
         return "unreadable"
     if meta.get("scaler.kind") != kind:
         return f"kind {meta.get('scaler.kind')!r}, not {kind!r}"
@@ -116,7 +207,7 @@ def _mismatch(
     shapes = {n: [str(t.dtype), list(t.shape)] for n, t in sorted(tensors.items())}
     if meta.get("scaler.tensors") != json.dumps(shapes, sort_keys=True):
         return "tensor shapes differ from the recorded ones"
-    if meta.get("scaler.sha256") != tensors_checksum(tensors):
+    if meta.get("scaler.sha256") != tensors_checksum(tensors, _header(kind, key, bound)):
         return "checksum mismatch"
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):

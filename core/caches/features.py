@@ -11,14 +11,15 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.caches.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.caches.bound_cache import CacheSpec, cached, require_finite
 from scaler_wizard.caches.feature_shards import Rows, ShardedRows
 from scaler_wizard.caches.token_features import TokenRows, cached_tokens
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.model import ScalerModel
 
 Progress = Callable[[int], None]
-KIND = "feature-cache"
+#: The store's cache kind (its folder under ``cache/``, and the kind bound inside each file).
+KIND = "features"
 #: Rows per feature shard (one shard: 65,536 x 384 float32 = 96 MiB).
 SHARD_ROWS = 65536
 
@@ -71,11 +72,11 @@ def cached_pooled(
     parts, all_cached = [], True
     for start in range(0, len(texts), SHARD_ROWS):
         shard = texts[start : start + SHARD_ROWS]
-        feats, cached = _cached_shard(
+        feats, hit = _cached_shard(
             store, model, trunk, shard, batch_size=batch_size, progress=progress, reopen=True
         )
         parts.append(feats)
-        all_cached = all_cached and cached
+        all_cached = all_cached and hit
     return ShardedRows(parts), all_cached
 
 
@@ -89,27 +90,28 @@ def _cached_shard(
     progress: Progress | None,
     reopen: bool = False,
 ) -> tuple[Tensor, bool]:
-    key = feature_key(trunk, texts, model.base.max_length)
-    path = cache_dir(store) / f"{key}.safetensors"
-    bound = {"trunk": trunk, "rows": len(texts), "dtype": "float32", "max_length": model.base.max_length}
-    expect = {"pooled": (torch.float32, (len(texts), model.trunk_hidden_size()))}
-    found = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
-    if found is not None:
-        if progress:
-            progress(len(texts))
-        return found["pooled"], True
-    feats = compute_pooled(model, texts, batch_size=batch_size, progress=progress)
-    require_finite(feats, "trunk features")
-    write_bound(path, {"pooled": feats}, kind=KIND, key=key, bound=bound)
-    if reopen:  # the file's memory-mapped copy, so this shard's memory can be freed
-        again = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
-        if again is not None:
-            return again["pooled"], False
-    return feats, False
+    max_length = model.base.max_length
+    spec = CacheSpec(
+        kind=KIND,
+        key=feature_key(trunk, texts, max_length),
+        bound={"trunk": trunk, "rows": len(texts), "dtype": "float32", "max_length": max_length},
+        expect={"pooled": (torch.float32, (len(texts), model.trunk_hidden_size()))},
+    )
+
+    def compute() -> dict[str, Tensor]:
+        feats = compute_pooled(model, texts, batch_size=batch_size, progress=progress)
+        require_finite(feats, "trunk features")
+        return {"pooled": feats}
+
+    # reopen: a fresh shard comes back as the file's memory-mapped copy (its memory is freed)
+    tensors, hit = cached(store, spec, compute, reopen=reopen)
+    if hit and progress:
+        progress(len(texts))
+    return tensors["pooled"], hit
 
 
 def cache_dir(store: ContentStore) -> Path:
-    return store.root / "cache" / "features"
+    return store.cache_dir(KIND)
 
 
 # -- issue 12: the features a strategy asks for (``features = "tokens"`` or the default "pooled") --

@@ -4,9 +4,10 @@ The base and trunk are frozen while a branch trains, so their token states for a
 computed once and kept on disk in float16. Examples have different lengths, so a cache file
 holds one shard of examples as a flat ``states`` tensor ``(total_tokens, d)`` plus ``offsets``
 ``(n + 1,)`` (example ``i`` is ``states[offsets[i]:offsets[i + 1]]``), and the pooled output
-``(n, d)`` in float32 exactly as the trunk gives it. Files are bound to their inputs like the
-pooled-feature cache (core/caches/features.py): key, trunk, rows, dtype, max length, shapes, checksum
-and a finiteness check; anything that does not match is recomputed, never trusted.
+``(n, d)`` in float32 exactly as the trunk gives it. Files follow the caches' one rule
+(core/caches/bound_cache.py): bound to key, trunk, rows, dtype, max length and shapes, sealed by a
+checksum, finite, and with offsets that cut the states into 1..max_length tokens per example;
+anything that does not match is recomputed, never trusted.
 
 Large datasets are cut into shards of ``SHARD_ROWS`` examples, each its own file, read back
 memory-mapped: memory stays bounded by one shard while computing, and training gathers only
@@ -24,18 +25,25 @@ from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.branch import TrunkOutput
-from scaler_wizard.caches.bound_cache import read_bound, require_finite, write_bound
+from scaler_wizard.caches.bound_cache import CacheSpec, Ragged, cached, require_finite
 from scaler_wizard.modeling.model import ScalerModel
 
 Progress = Callable[[int], None]
-KIND = "token-cache"
+#: The store's cache kind (its folder under ``cache/``, and the kind bound inside each file).
+KIND = "tokens"
 #: Examples per cache file: at most 4,096 x 256 tokens x 384 x 2 bytes = 768 MiB, typically ~1/10.
 SHARD_ROWS = 4096
 
 
 def token_key(trunk: str, texts: Sequence[str], max_length: int) -> str:
     payload = json.dumps(
-        {"kind": KIND, "trunk": trunk, "max_length": max_length, "dtype": "float16", "texts": list(texts)},
+        {
+            "kind": "token-cache",
+            "trunk": trunk,
+            "max_length": max_length,
+            "dtype": "float16",
+            "texts": list(texts),
+        },
         ensure_ascii=False,
     )
     return BankHash.of_bytes(payload.encode()).hex
@@ -52,6 +60,26 @@ class TokenShard:
 
     def tensors(self) -> dict[str, Tensor]:
         return {"states": self.states, "offsets": self.offsets, "pooled": self.pooled}
+
+
+# -- pad and mask (H3, issue 11 item 4: shared with training's batches) ----------------------
+def pad_and_mask(
+    rows: Sequence[Tensor], hidden_size: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Examples of different lengths (each ``(T_i, d)``) -> ``(B, T, d)`` states in ``dtype``,
+    zero-padded after each example, and the ``(B, T)`` bool mask of the real tokens. ``T`` is
+    the longest example (at least 1); ``hidden_size`` is ``d`` (needed only for no rows)."""
+    d = int(rows[0].shape[-1]) if hidden_size is None else hidden_size
+    width = max([int(r.shape[0]) for r in rows] + [1])
+    states = torch.zeros(len(rows), width, d, dtype=dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for j, r in enumerate(rows):
+        states[j, : r.shape[0]] = r
+        mask[j, : r.shape[0]] = True
+    return states, mask
+
+
+# -- end pad and mask --------------------------------------------------------------------------
 
 
 class TokenRows:
@@ -93,13 +121,9 @@ class TokenRows:
             a, b = int(shard.offsets[i]), int(shard.offsets[i + 1])
             spans.append((shard, i, a, b))
         d = int(self.shards[0].states.shape[1])
-        width = max([b - a for _, _, a, b in spans] + [1])
-        hidden = torch.zeros(len(rows), width, d, dtype=torch.float32)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        hidden, mask = pad_and_mask([shard.states[a:b] for shard, _, a, b in spans], d)
         pooled = torch.empty(len(rows), d, dtype=torch.float32)
-        for j, (shard, i, a, b) in enumerate(spans):
-            hidden[j, : b - a] = shard.states[a:b]
-            mask[j, : b - a] = True
+        for j, (shard, i, _, _) in enumerate(spans):
             pooled[j] = shard.pooled[i]
         empty = pooled.new_zeros(())
         return TrunkOutput(pooled=pooled, hidden=hidden, mask=mask, aux_loss=empty)
@@ -170,38 +194,31 @@ def _cached_shard(
     progress: Progress | None,
 ) -> tuple[TokenShard, bool]:
     max_length = model.base.max_length
-    key = token_key(trunk, texts, max_length)
-    path = cache_dir(store) / f"{key}.safetensors"
     d = model.trunk_hidden_size()
-    bound = {"trunk": trunk, "rows": len(texts), "dtype": "float16", "max_length": max_length}
-    expect: dict[str, tuple[torch.dtype, tuple[int | None, ...]]] = {
-        "states": (torch.float16, (None, d)),
-        "offsets": (torch.int64, (len(texts) + 1,)),
-        "pooled": (torch.float32, (len(texts), d)),
-    }
-    found = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)
-    if found is not None and _offsets_ok(found["offsets"], found["states"], max_length):
-        if progress:
-            progress(len(texts))
-        return TokenShard(found["states"], found["offsets"], found["pooled"]), True
-    shard = compute_tokens(model, texts, batch_size=batch_size, progress=progress)
-    require_finite(shard.pooled, "trunk features")
-    write_bound(path, shard.tensors(), kind=KIND, key=key, bound=bound)
-    again = read_bound(path, kind=KIND, key=key, bound=bound, expect=expect)  # memory-mapped copy
-    if again is not None and _offsets_ok(again["offsets"], again["states"], max_length):
-        return TokenShard(again["states"], again["offsets"], again["pooled"]), False
-    return shard, False
+    spec = CacheSpec(
+        kind=KIND,
+        key=token_key(trunk, texts, max_length),
+        bound={"trunk": trunk, "rows": len(texts), "dtype": "float16", "max_length": max_length},
+        expect={
+            "states": (torch.float16, (None, d)),
+            "offsets": (torch.int64, (len(texts) + 1,)),
+            "pooled": (torch.float32, (len(texts), d)),
+        },
+        # each example has 1..max_length tokens
+        ragged=Ragged("offsets", "states", min_rows=1, max_rows=max_length),
+    )
 
+    def compute() -> dict[str, Tensor]:
+        shard = compute_tokens(model, texts, batch_size=batch_size, progress=progress)
+        require_finite(shard.pooled, "trunk features")
+        return shard.tensors()
 
-def _offsets_ok(offsets: Tensor, states: Tensor, max_length: int) -> bool:
-    """Offsets start at 0, end at the number of states, and give each example 1..max_length tokens."""
-    if int(offsets[0]) != 0 or int(offsets[-1]) != int(states.shape[0]):
-        return False
-    if offsets.numel() < 2:
-        return True
-    steps = offsets[1:] - offsets[:-1]
-    return bool(((steps >= 1) & (steps <= max_length)).all())
+    # a fresh shard comes back as the file's memory-mapped copy (its memory is freed)
+    tensors, hit = cached(store, spec, compute)
+    if hit and progress:
+        progress(len(texts))
+    return TokenShard(tensors["states"], tensors["offsets"], tensors["pooled"]), hit
 
 
 def cache_dir(store: ContentStore) -> Path:
-    return store.root / "cache" / "tokens"
+    return store.cache_dir(KIND)

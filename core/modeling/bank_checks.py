@@ -12,128 +12,42 @@ Banks written before this (``scaler.meta`` absent) carry fewer keys: what they c
 checked, what they lack is not required. Banks written now carry ``scaler.meta = "2"`` and
 must carry every key.
 
-Trunk ids
----------
-A branch records the id of the trunk it was trained on. Scheme 2 (current) hashes the base
-bank, the base's config and tokenizer files (``base.files``), pooling, and each MoE layer's
-bank, gating plugin and config. Scheme 1 (before) left ``base.files`` out. A branch recorded
-under either scheme is accepted when its id matches the model's trunk under that scheme, so
-stores written before keep loading; new branches record scheme 2. Feature caches are keyed
-by the scheme-2 id, so old cache entries are simply recomputed once.
+Trunk ids, and whether a branch may run on a trunk, are facts of the manifest alone:
+``scaler_wizard.manifests.facts`` (``trunk_id``, ``trunk_ids``, ``check_branch_trunk``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from scaler_wizard.banks import BankHash
-from scaler_wizard.banks.safetensors_bank import BankContent, encode_bank
-from scaler_wizard.banks.store import canonical_json
-from scaler_wizard.errors import IntegrityError, ManifestError
+from scaler_wizard.banks.safetensors_bank import BankContent
+from scaler_wizard.errors import IntegrityError
+from scaler_wizard.manifests.model import Manifest, PluginRef
+from scaler_wizard.modeling.tensor_banks import encode_bank
 
 #: Marker of a bank that carries every key below (older banks carry a subset).
 META_VERSION = "2"
 META_KEY = "meta"
 
 
-# -- trunk ids ----------------------------------------------------------------------------------
-
-
-def _trunk_key(manifest: dict[str, Any], *, with_files: bool) -> dict[str, Any]:
-    trunk = manifest["trunk"]
-    key: dict[str, Any] = {
-        "base": manifest["base"]["bank"],
-        "pooling": trunk["pooling"],
-        "layers": [
-            [layer["bank"], layer["gating"]["plugin"], layer["gating"]["config"]] for layer in trunk["layers"]
-        ],
-    }
-    if with_files:
-        key["scheme"] = 2
-        key["base_files"] = dict(sorted(manifest["base"]["files"].items()))
-    return key
-
-
-def trunk_id(manifest: dict[str, Any]) -> str:
-    """Identity of the shared computation branches depend on: base weights, base config and
-    tokenizer files, pooling, and every MoE layer (bank, gating plugin and config)."""
-    return str(BankHash.of_bytes(canonical_json(_trunk_key(manifest, with_files=True))))
-
-
-def legacy_trunk_id(manifest: dict[str, Any]) -> str:
-    """The scheme-1 trunk id (no ``base.files``) that branches recorded before scheme 2."""
-    return str(BankHash.of_bytes(canonical_json(_trunk_key(manifest, with_files=False))))
-
-
-def trunk_ids(manifest: dict[str, Any]) -> tuple[str, str]:
-    """(current id, legacy id) of a manifest's trunk: a branch may record either."""
-    return trunk_id(manifest), legacy_trunk_id(manifest)
-
-
-def is_stale(entry: dict[str, Any]) -> bool:
-    """A branch ``scaler train --allow-stale-branches`` left on an older trunk, on purpose."""
-    prov = entry.get("provenance")
-    return isinstance(prov, dict) and isinstance(prov.get("stale"), dict)
-
-
-def check_branch_trunk(
-    manifest: dict[str, Any], name: str, entry: dict[str, Any], *, ids: tuple[str, str] | None = None
-) -> None:
-    """Refuse a branch whose recorded trunk is not this model's trunk (unless marked stale)."""
-    recorded = entry.get("trunk")
-    if recorded is None or is_stale(entry):
-        return
-    ids = ids or trunk_ids(manifest)
-    if recorded not in ids:
-        raise ManifestError(
-            f"branches.{name}.trunk: the branch was trained on trunk {BankHash(recorded).short}, but this "
-            f"manifest's base and trunk are {BankHash(ids[0]).short}: its outputs would be wrong"
-        )
-
-
-def mark_stale_branches(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's branches, each one recorded on another trunk marked stale (new dicts).
-
-    A version whose trunk changed (in memory, through the library) while a branch was not
-    retrained leaves that branch on a trunk it was not trained on: its outputs changed since
-    its metrics and fingerprint were recorded. It is marked as ``scaler train
-    --allow-stale-branches`` marks one (``provenance.stale``), so it still loads, says so in
-    ``branch show``, and ``verify --deep`` reports its changed fingerprint.
-    """
-    ids = trunk_ids(manifest)
-    out = {}
-    for name, entry in manifest["branches"].items():
-        recorded = entry.get("trunk")
-        if recorded is not None and recorded not in ids and not is_stale(entry):
-            prov = dict(entry.get("provenance") or {})
-            prov["stale"] = {
-                "since_version": manifest["version"],
-                "trained_on_trunk": recorded,
-                "reason": "the trunk changed in this version without retraining this branch; "
-                "its outputs have changed since its metrics and fingerprint were recorded",
-            }
-            entry = {**entry, "provenance": prov}
-        out[name] = entry
-    return out
-
-
 # -- what each bank says about itself ---------------------------------------------------------
 
 
-def trunk_layer_meta(ref: dict[str, Any], index: int) -> dict[str, Any]:
-    return {"gating": ref["plugin"], "gating_config": ref["config"], "layer": index}
+def trunk_layer_meta(ref: PluginRef, index: int) -> dict[str, Any]:
+    return {"gating": ref.plugin, "gating_config": ref.config_dict(), "layer": index}
 
 
-def adapter_meta(branch: str, strategy_ref: dict[str, Any]) -> dict[str, Any]:
-    return {"strategy": strategy_ref["plugin"], "strategy_config": strategy_ref["config"], "branch": branch}
+def adapter_meta(branch: str, strategy_ref: PluginRef) -> dict[str, Any]:
+    return {"strategy": strategy_ref.plugin, "strategy_config": strategy_ref.config_dict(), "branch": branch}
 
 
-def head_meta(branch: str, head_ref: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+def head_meta(branch: str, head_ref: PluginRef, labels: Sequence[str]) -> dict[str, Any]:
     return {
-        "head": head_ref["plugin"],
-        "head_config": head_ref["config"],
+        "head": head_ref.plugin,
+        "head_config": head_ref.config_dict(),
         "labels": list(labels),
         "branch": branch,
     }
@@ -143,24 +57,19 @@ def base_meta(base: dict[str, Any]) -> dict[str, Any]:
     return {k: base[k] for k in ("architecture", "model_type") if k in base}
 
 
-def expected_metadata(manifest: dict[str, Any]) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
+def expected_metadata(manifest: Manifest) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
     """(field, bank, kind, expected metadata) for the base and every trunk-layer, adapter and head bank."""
-    yield "base.bank", manifest["base"]["bank"], "base", base_meta(manifest["base"])
-    for i, layer in enumerate(manifest["trunk"]["layers"]):
-        yield f"trunk.layers[{i}].bank", layer["bank"], "trunk-layer", trunk_layer_meta(layer["gating"], i)
-    for name, entry in sorted(manifest["branches"].items()):
+    yield "base.bank", manifest.base.bank, "base", base_meta(manifest.base.to_dict())
+    for i, layer in enumerate(manifest.trunk.layers):
+        yield f"trunk.layers[{i}].bank", layer.bank, "trunk-layer", trunk_layer_meta(layer.gating, i)
+    for name, entry in sorted(manifest.branches.items()):
         yield (
             f"branches.{name}.adapter_bank",
-            entry["adapter_bank"],
+            entry.adapter_bank,
             "adapter",
-            adapter_meta(name, entry["strategy"]),
+            adapter_meta(name, entry.strategy),
         )
-        yield (
-            f"branches.{name}.head_bank",
-            entry["head_bank"],
-            "head",
-            head_meta(name, entry["head"], entry["labels"]),
-        )
+        yield f"branches.{name}.head_bank", entry.head_bank, "head", head_meta(name, entry.head, entry.labels)
 
 
 def _recorded(raw: str, expected: Any) -> Any:

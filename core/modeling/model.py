@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from scaler_wizard.branch import Branch, Prediction, TrunkOutput
 from scaler_wizard.errors import BranchNotFoundError, did_you_mean
+from scaler_wizard.manifests.model import Manifest
 from scaler_wizard.modeling.base_encoder import BaseEncoder
 from scaler_wizard.moe import MoELayer
 
@@ -43,13 +44,28 @@ class Trunk(nn.Module):
 
 @dataclass
 class Origin:
-    """Which stored version a composed model came from."""
+    """Which stored version a composed model came from (``manifest``: its typed manifest).
+
+    ``base_entry`` and ``branch_entries`` are that manifest's ``base`` and branch entries as
+    JSON objects: a save copies ``branch_entries[name]`` for each branch not loaded since
+    compose, so a caller may replace one (``scaler train`` marks a branch stale so).
+    """
 
     name: str
     manifest_hash: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     base_entry: dict[str, Any]
     branch_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, name: str, manifest_hash: str, manifest: Manifest) -> Origin:
+        return cls(
+            name,
+            manifest_hash,
+            manifest,
+            manifest.base.to_dict(),
+            {n: e.to_dict() for n, e in manifest.branches.items()},
+        )
 
 
 @dataclass
@@ -106,7 +122,12 @@ class ScalerModel(nn.Module):
                 self.branches[name] = loaded.to(device).train(self.training)
             self._pending.remove(name)
             return loaded
-        raise BranchNotFoundError(f"no branch named {name!r} {did_you_mean(name, self.branch_names)}")
+        raise BranchNotFoundError(
+            f"no branch named {name!r} {did_you_mean(name, self.branch_names)}",
+            branch=name,
+            model=self.origin.name if self.origin is not None else None,
+            available=self.branch_names,
+        )
 
     def add_branch(self, name: str, branch: Branch) -> None:
         if name in self.branch_names:
@@ -122,7 +143,12 @@ class ScalerModel(nn.Module):
         elif name in self._pending:
             self._pending.remove(name)
         else:
-            raise BranchNotFoundError(f"no branch named {name!r} {did_you_mean(name, self.branch_names)}")
+            raise BranchNotFoundError(
+                f"no branch named {name!r} {did_you_mean(name, self.branch_names)}",
+                branch=name,
+                model=self.origin.name if self.origin is not None else None,
+                available=self.branch_names,
+            )
         if name in self._order:
             self._order.remove(name)
 
@@ -237,9 +263,6 @@ class ScalerModel(nn.Module):
         finally:
             self.train(was_training)
         return out
-
-    def trainable_parameters(self) -> Any:
-        return (p for p in self.parameters() if p.requires_grad)
 
 
 def _branch_list(branches: str | Sequence[str] | None) -> list[str] | None:

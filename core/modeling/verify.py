@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.banks.safetensors_bank import load_bank_tensors, read_bank_metadata
-from scaler_wizard.errors import ScalerError
-from scaler_wizard.manifests import validate_manifest
-from scaler_wizard.modeling.bank_checks import (
-    check_bank_metadata,
-    check_branch_trunk,
-    expected_metadata,
-    trunk_ids,
-)
+from scaler_wizard.banks.safetensors_bank import read_bank_metadata
+from scaler_wizard.errors import IntegrityError, ScalerError
+from scaler_wizard.manifests.facts import banks_of, branch_trunk_problem, trunk_ids
+from scaler_wizard.manifests.model import Manifest, PluginRef
+from scaler_wizard.modeling.bank_checks import check_bank_metadata, expected_metadata
 from scaler_wizard.modeling.bank_loading import call_factory, check_fit, meta_probe, moe_layer
+from scaler_wizard.modeling.tensor_banks import load_bank_tensors
 
 
 @dataclass
@@ -26,24 +24,6 @@ class Check:
     ok: bool
     detail: str = ""
     size: int = 0
-
-
-def banks_of(manifest: dict[str, Any]) -> list[tuple[str, str, str | None]]:
-    """(field, bank hash, expected kind or None for plain files) for every bank a manifest names.
-
-    An ``adapter_bank`` may be a folder bank (a tree object): ``ContentStore.tree_members``
-    lists the objects it names, which belong to the version too.
-    """
-    out: list[tuple[str, str, str | None]] = [("base.bank", manifest["base"]["bank"], "base")]
-    out += [(f"base.files.{n}", h, None) for n, h in sorted(manifest["base"]["files"].items())]
-    out += [
-        (f"trunk.layers[{i}].bank", lay["bank"], "trunk-layer")
-        for i, lay in enumerate(manifest["trunk"]["layers"])
-    ]
-    for name, entry in sorted(manifest["branches"].items()):
-        out.append((f"branches.{name}.adapter_bank", entry["adapter_bank"], "adapter"))
-        out.append((f"branches.{name}.head_bank", entry["head_bank"], "head"))
-    return out
 
 
 def verify_version(
@@ -67,11 +47,11 @@ def verify_version(
 def _base_check(store: ContentStore, h: str) -> list[Check]:
     from scaler_wizard.modeling.base_encoder import load_base
 
-    entry = store.get_manifest(h)["base"]
+    entry = store.manifest(h).base
     try:
-        load_base(store, entry)
+        load_base(store, entry.to_dict())
     except ScalerError as exc:
-        return [Check("base.bank", entry["bank"], False, _strip_field(str(exc), "base.bank"))]
+        return [Check("base.bank", entry.bank, False, _strip_field(str(exc), "base.bank"))]
     return []
 
 
@@ -79,7 +59,7 @@ def _verify_version(store: ContentStore, h: str, *, trust_cache: bool) -> list[C
     bh = BankHash(h)
     checks: list[Check] = []
     try:
-        manifest = validate_manifest(store.get_manifest(bh), where=f"manifest {bh.short}")
+        manifest = store.manifest(bh, where=f"manifest {bh.short}")
         checks.append(Check("manifest", str(bh), True))
     except ScalerError as exc:
         return [Check("manifest", str(bh), False, str(exc))]
@@ -100,15 +80,17 @@ def _verify_version(store: ContentStore, h: str, *, trust_cache: bool) -> list[C
                     raise ScalerError(f"is a {tree.get('kind')!r} folder bank, expected {kind!r}")
                 checks.append(Check(field, bank, True, size=path.stat().st_size))
                 members_ok = True
+                member_paths: dict[str, Path] = {}
                 for rel, member in sorted(tree["files"].items()):
                     try:
                         mpath = store.verified_path(member, trust_cache=trust_cache)
+                        member_paths[rel] = mpath
                         checks.append(Check(f"{field}[{rel}]", member, True, size=mpath.stat().st_size))
                     except ScalerError as exc:
                         members_ok = False
                         checks.append(Check(f"{field}[{rel}]", member, False, str(exc)))
-                if members_ok and tree.get("layout") == "peft":  # PEFT allow-lists (peft_safety)
-                    checks += _peft_folder_problems(store, field, bank, tree["files"])
+                if members_ok:  # what the branch's strategy checks in its folder (peft-lora: allow-lists)
+                    checks += _folder_problems(manifest, field, bank, tree, member_paths, registry)
                 continue
             if kind is not None:
                 meta = read_bank_metadata(path, name=bank)
@@ -134,21 +116,18 @@ def _strip_field(message: str, field: str) -> str:
     return message.removeprefix(f"{field}: ")
 
 
-def _trunk_checks(manifest: dict[str, Any]) -> list[Check]:
+def _trunk_checks(manifest: Manifest) -> list[Check]:
     """A failed Check for each branch recorded on another trunk than this manifest's."""
     ids = trunk_ids(manifest)
     out = []
-    for name, entry in sorted(manifest["branches"].items()):
-        try:
-            check_branch_trunk(manifest, name, entry, ids=ids)
-        except ScalerError as exc:
-            out.append(Check(f"branches.{name}.trunk", str(entry.get("trunk", "")), False, str(exc)))
+    for name, entry in sorted(manifest.branches.items()):
+        problem = branch_trunk_problem(manifest, name, ids=ids)
+        if problem is not None:
+            out.append(Check(f"branches.{name}.trunk", entry.trunk or "", False, problem))
     return out
 
 
-def load_check(
-    manifest: dict[str, Any], field: str, path: Any, *, bank: str, registry: Any = None
-) -> str | None:
+def load_check(manifest: Manifest, field: str, path: Any, *, bank: str, registry: Any = None) -> str | None:
     """Why a trunk-layer, adapter or head bank would not load into the module its entry
     builds (missing or extra tensor, wrong shape, non-float dtype), or None.
 
@@ -158,27 +137,29 @@ def load_check(
     from scaler_wizard.plugin_manager import get_registry
 
     registry = registry or get_registry()
-    hidden = manifest["base"]["hidden_size"]
+    hidden = manifest.base.hidden_size
 
-    def resolve(kind: str, ref: dict[str, Any], where: str) -> tuple[Any, Any] | None:
-        if ref["plugin"] not in registry.names(kind):
+    def resolve(kind: str, ref: PluginRef, where: str) -> tuple[Any, Any] | None:
+        if ref.plugin not in registry.names(kind):
             return None
-        reg = registry.get(kind, ref["plugin"])
-        cfg, _ = reg.build_config(ref.get("config"), where=f"{where}.config")
+        reg = registry.get(kind, ref.plugin)
+        cfg, _ = reg.build_config(ref.config_dict(), where=f"{where}.config")
         return reg.factory, cfg
 
     build: Any
     if field.startswith("trunk.layers["):
         i = int(field[len("trunk.layers[") : field.index("]")])
-        spec = manifest["trunk"]["layers"][i]
-        got = resolve("gating", spec["gating"], f"trunk.layers[{i}].gating")
+        spec = manifest.trunk.layers[i]
+        got = resolve("gating", spec.gating, f"trunk.layers[{i}].gating")
         if got is None:
             return None
-        build = functools.partial(moe_layer, *got, spec, hidden_size=hidden, where=f"trunk.layers[{i}]")
+        build = functools.partial(
+            moe_layer, *got, spec.to_dict(), hidden_size=hidden, where=f"trunk.layers[{i}]"
+        )
     else:
         name = field.split(".")[1]
-        entry = manifest["branches"][name]
-        strategy = resolve("strategy", entry["strategy"], f"branches.{name}.strategy")
+        entry = manifest.branches[name]
+        strategy = resolve("strategy", entry.strategy, f"branches.{name}.strategy")
         if strategy is None:
             return None
         adapter = meta_probe(
@@ -188,10 +169,10 @@ def load_check(
             return None
         if field.endswith(".adapter_bank"):
             if getattr(adapter, "bank_format", "safetensors") == "folder":
-                return None  # a PEFT folder: its members are checked above
+                return None  # a folder bank: checked by its strategy (_folder_problems)
             build = lambda: adapter  # noqa: E731
         else:
-            head = resolve("head", entry["head"], f"branches.{name}.head")
+            head = resolve("head", entry.head, f"branches.{name}.head")
             if head is None:
                 return None
             build = functools.partial(
@@ -199,7 +180,7 @@ def load_check(
                 *head,
                 f"branches.{name}.head",
                 in_features=adapter.out_features,
-                labels=entry["labels"],
+                labels=list(entry.labels),
             )
     probe = meta_probe(build)
     if probe is None:
@@ -211,15 +192,47 @@ def load_check(
     return None
 
 
-def _peft_folder_problems(store: ContentStore, field: str, bank: str, files: dict[str, str]) -> list[Check]:
-    """A failed Check if a PEFT folder bank holds other members or a config that could touch the base."""
-    from scaler_wizard.modeling import peft_safety
-
+def _folder_problems(
+    manifest: Manifest,
+    field: str,
+    bank: str,
+    tree: dict[str, Any],
+    files: dict[str, Path],
+    registry: Any,
+) -> list[Check]:
+    """A failed Check if the branch's strategy would refuse its folder bank: a folder of
+    another layout, or what its ``BranchAdapter.check_folder`` refuses (for ``peft-lora``:
+    members other than the PEFT pair, a config that could touch the base)."""
+    prefix, suffix = "branches.", ".adapter_bank"
+    name = field[len(prefix) : -len(suffix)]
+    entry = manifest.branches.get(name) if field.startswith(prefix) and field.endswith(suffix) else None
+    ref = entry.strategy if entry else None
+    if registry is None or ref is None or ref.plugin not in registry.names("strategy"):
+        return []  # a strategy not installed here: compose says what to install
     try:
-        peft_safety.check_members(files, where=field)
-        peft_safety.read_adapter_config(store.verified_path(files[peft_safety.CONFIG_FILE]), where=field)
+        reg = registry.get("strategy", ref.plugin)
+        cfg, _ = reg.build_config(ref.config_dict(), where=f"branches.{name}.strategy.config")
+        hidden = manifest.base.hidden_size
+        adapter = meta_probe(
+            functools.partial(call_factory, reg.factory, cfg, f"branches.{name}.strategy", hidden_size=hidden)
+        )
+    except ScalerError:
+        return []  # a config the strategy refuses: the head bank's load check reports it
+    if adapter is None:
+        return []
+    try:
+        layout = getattr(adapter, "bank_layout", "")
+        folder = getattr(adapter, "bank_format", "safetensors") == "folder"
+        if not folder or tree.get("layout") != layout:
+            expected = f"a {layout!r} folder bank" if folder else "a safetensors bank"
+            raise IntegrityError(
+                f"{field}: is a {tree.get('layout')!r} folder bank, strategy {ref.plugin!r} expects {expected}"
+            )
+        check = getattr(adapter, "check_folder", None)
+        if callable(check):
+            check(files, where=field)
     except ScalerError as exc:
-        return [Check(field, bank, False, str(exc).removeprefix(f"{field}: "))]
+        return [Check(field, bank, False, _strip_field(str(exc), field))]
     return []
 
 
@@ -230,12 +243,12 @@ def verify_fingerprints(store: ContentStore, h: str) -> list[Check]:
 
     model = compose(store, h)
     assert model.origin is not None
-    entries = model.origin.manifest["branches"]
-    with_fp = [n for n in model.branch_names if entries[n].get("fingerprint")]
+    entries = model.origin.manifest.branches
+    with_fp = [n for n in model.branch_names if entries[n].fingerprint]
     logits = probe_logits(model, with_fp) if with_fp else {}
     checks = []
     for name in model.branch_names:
-        recorded = entries[name].get("fingerprint")
+        recorded = entries[name].fingerprint
         if not recorded:
             checks.append(Check(f"branches.{name}.fingerprint", "", True, "no fingerprint recorded"))
             continue

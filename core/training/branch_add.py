@@ -6,7 +6,6 @@ manifest entries and banks are carried over byte for byte.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import time
 from collections.abc import Callable
@@ -17,27 +16,28 @@ from typing import Any
 import torch
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.banks.store import validate_name
 from scaler_wizard.branch import Branch
 from scaler_wizard.caches.features import cached_features, feature_kind
-from scaler_wizard.errors import DataError, ScalerError
+from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import get_registry
 from scaler_wizard.training.branch_fit import (
     EPOCHS_CACHED,
     EPOCHS_IN_ENCODER,
     BranchTrainingConfig,
     TrainingResult,
-    config_dict,
     early_stop_note,
     fit,
     train_branch,
 )
+from scaler_wizard.training.clock import utc_stamp
 from scaler_wizard.training.data import LabelledData, load_train_eval
 from scaler_wizard.training.preflight import preflight_branch
-from scaler_wizard.version import __version__
+from scaler_wizard.training.provenance import branch_metrics, branch_provenance, fit_record
+from scaler_wizard.training.targets import label_targets
 
 
 @dataclass
@@ -67,14 +67,8 @@ Reporter = Callable[[str, dict[str, Any]], None]
 #: The CLI ``branch add``'s strategy when none is named (issue 12: attention pooling over cached
 #: token states). The library's ``add_branch`` keeps ``"lora"`` as its default argument.
 DEFAULT_STRATEGY = "attn-mlp"
-
-
-def _targets(data: LabelledData, labels: list[str], where: str) -> torch.Tensor:
-    index = {lab: i for i, lab in enumerate(labels)}
-    unknown = sorted({lab for lab in data.labels if lab not in index})
-    if unknown:
-        raise DataError(f"{where}: labels {unknown[:5]} are not in the training labels {labels}")
-    return torch.tensor([index[lab] for lab in data.labels], dtype=torch.long)
+#: How ``branch add``'s label errors name the labels an eval file's labels must be among.
+KNOWN_AS = "in the training labels"
 
 
 def _epochs_total(training: BranchTrainingConfig, n_train: int) -> int:
@@ -143,8 +137,113 @@ def add_branch(
     """Check everything cheap first, then compute features, train, evaluate, save a version."""
     training = training or BranchTrainingConfig()
     note = report or (lambda _event, _info: None)
+    plugins: dict[str, Any] = {
+        "strategy": strategy,
+        "strategy_config": strategy_config,
+        "head": head,
+        "head_config": head_config,
+    }
+    _check_request(store, model_name, branch_name, **plugins)
+    rows = _read_data(store, model_name, branch_name, data, training, plugins, progress_factory)
+    note(
+        "data",
+        {
+            "train": len(rows.train),
+            "eval": len(rows.eval),
+            "labels": rows.labels,
+            "counts": rows.full.counts(),
+            "warnings": rows.full.warnings + rows.eval.warnings,  # printed by the CLI (item 19)
+        },
+    )
+
+    model = compose(store, model_name)
+    assert model.origin is not None
+    tid = trunk_id(model.origin.manifest)
+    hidden = model.trunk_hidden_size()
+    torch.manual_seed(training.seed)  # the new branch's initial weights follow --seed too
+    branch = new_branch(hidden_size=hidden, labels=rows.labels, **plugins)
+    log_dir = (log_root or store.root / "runs") / model_name / f"{branch_name}-{utc_stamp()}-{os.getpid()}"
+    model.trunk.requires_grad_(False)  # frozen during branch add, whatever the strategy
+    if branch.adapter.needs_base_pass:
+        # The adapter lives inside the encoder: no cache is possible, train end to end.
+        training = replace(
+            training, epochs=training.epochs or EPOCHS_IN_ENCODER, patience=min(training.patience, 2)
+        )
+        _note_training(note, training, rows)
+        model.add_branch(branch_name, branch)
+        feature_seconds, cached = 0.0, False
+        result = _train_in_encoder(
+            model,
+            branch_name,
+            branch,
+            rows.train,
+            rows.train_y,
+            rows.eval,
+            rows.eval_y,
+            training,
+            log_dir,
+            note,
+        )
+    else:
+        training = replace(training, epochs=training.epochs or EPOCHS_CACHED)
+        _note_training(note, training, rows)
+        result, feature_seconds, cached = _train_on_features(
+            store, model, tid, branch, rows, training, log_dir, note, progress_factory
+        )
+        model.add_branch(branch_name, branch)
+
+    fp = fingerprint_of(probe_logits(model, [branch_name])[branch_name])
+    branch.entry.update(
+        {
+            "trunk": tid,
+            "metrics": branch_metrics(result.eval_metrics, len(rows.eval)),
+            "provenance": branch_provenance(rows.full, rows.train, rows.eval, fit_record(training, result)),
+            "fingerprint": fp,
+        }
+    )
+    manifest_hash = save_version(store, model, message=f"add branch {branch_name}")
+    saved = store.get_manifest(manifest_hash)  # (issue 10 #11) rebased saves keep model.origin
+    return BranchAddResult(
+        model=model_name,
+        branch=branch_name,
+        manifest=manifest_hash,
+        version=int(saved["version"]),
+        labels=rows.labels,
+        metrics=result.eval_metrics,
+        training=result,
+        feature_seconds=feature_seconds,
+        features_cached=cached,
+        log_dir=log_dir,
+    )
+
+
+@dataclass
+class _Rows:
+    """The labelled data of a ``branch add``: the whole file, its train and eval splits, the
+    label names and each split's targets."""
+
+    full: LabelledData
+    train: LabelledData
+    eval: LabelledData
+    labels: list[str]
+    train_y: torch.Tensor
+    eval_y: torch.Tensor
+
+
+def _check_request(
+    store: ContentStore,
+    model_name: str,
+    branch_name: str,
+    *,
+    strategy: str,
+    strategy_config: dict[str, Any] | None,
+    head: str,
+    head_config: dict[str, Any] | None,
+) -> None:
+    """The name, the plugins and their configs, and a branch of that name not there yet:
+    all checked before any data is read."""
     validate_name(branch_name, what="branch")
-    registry = get_registry()  # plugins and their configs are checked before any data is read
+    registry = get_registry()
     registry.get("strategy", strategy, where="--strategy").build_config(
         strategy_config, where="strategy.config"
     )
@@ -155,6 +254,18 @@ def add_branch(
             f"model {model_name!r} already has a branch {branch_name!r} "
             f"(remove it first with `scaler branch remove {model_name} {branch_name}`, or pick another name)"
         )
+
+
+def _read_data(
+    store: ContentStore,
+    model_name: str,
+    branch_name: str,
+    data: DataSpec,
+    training: BranchTrainingConfig,
+    plugins: dict[str, Any],
+    progress_factory: Callable[[str, int], Callable[[int], None]] | None,
+) -> _Rows:
+    """Read and split the data, check the new manifest would be valid, and index the labels."""
     full, train_data, eval_data = load_train_eval(
         data.path,
         text_column=data.text_column,
@@ -166,135 +277,54 @@ def add_branch(
     )
     labels = full.label_names()
     # -- preflight (engineer D, issue 10 item 9): every manifest rule, before any training --
-    preflight_branch(
-        store.get_manifest(store.resolve(model_name)),
-        branch_name,
-        strategy=strategy,
-        strategy_config=strategy_config,
-        head=head,
-        head_config=head_config,
-        labels=labels,
-    )
+    preflight_branch(store.get_manifest(store.resolve(model_name)), branch_name, labels=labels, **plugins)
     # -- end preflight --
-    train_y = _targets(train_data, labels, str(data.path))
-    eval_y = _targets(eval_data, labels, str(data.eval_path or data.path))
+    train_y = label_targets(train_data, labels, str(data.path), known_as=KNOWN_AS)
+    eval_y = label_targets(eval_data, labels, str(data.eval_path or data.path), known_as=KNOWN_AS)
+    return _Rows(full, train_data, eval_data, labels, train_y, eval_y)
+
+
+def _note_training(note: Reporter, training: BranchTrainingConfig, rows: _Rows) -> None:
     note(
-        "data",
+        "training",
         {
-            "train": len(train_data),
-            "eval": len(eval_data),
-            "labels": labels,
-            "counts": full.counts(),
-            "warnings": full.warnings + eval_data.warnings,  # printed by the CLI (item 19)
+            "epochs": _epochs_total(training, len(rows.train)),  # progress total
+            "early_stop": early_stop_note(training, len(rows.eval)),  # (issue 12) "" when on
         },
     )
 
-    model = compose(store, model_name)
-    assert model.origin is not None
-    tid = trunk_id(model.origin.manifest)
-    hidden = model.trunk_hidden_size()
-    torch.manual_seed(training.seed)  # the new branch's initial weights follow --seed too
-    branch = new_branch(
-        hidden_size=hidden,
-        labels=labels,
-        strategy=strategy,
-        strategy_config=strategy_config,
-        head=head,
-        head_config=head_config,
-    )
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    log_dir = (log_root or store.root / "runs") / model_name / f"{branch_name}-{stamp}-{os.getpid()}"
-    model.trunk.requires_grad_(False)  # frozen during branch add, whatever the strategy
-    t0 = time.perf_counter()
-    if branch.adapter.needs_base_pass:
-        # The adapter lives inside the encoder: no cache is possible, train end to end.
-        training = replace(
-            training, epochs=training.epochs or EPOCHS_IN_ENCODER, patience=min(training.patience, 2)
-        )
-        note(
-            "training",
-            {
-                "epochs": _epochs_total(training, len(train_data)),  # progress total
-                "early_stop": early_stop_note(training, len(eval_data)),  # (issue 12) "" when on
-            },
-        )
-        model.add_branch(branch_name, branch)
-        feature_seconds, cached = 0.0, False
-        result = _train_in_encoder(
-            model, branch_name, branch, train_data, train_y, eval_data, eval_y, training, log_dir, note
-        )
-    else:
-        training = replace(training, epochs=training.epochs or EPOCHS_CACHED)
-        note(
-            "training",
-            {
-                "epochs": _epochs_total(training, len(train_data)),  # progress total
-                "early_stop": early_stop_note(training, len(eval_data)),  # (issue 12) "" when on
-            },
-        )
-        texts = train_data.texts + eval_data.texts
-        progress = progress_factory("trunk features", len(texts)) if progress_factory else None
-        # (issue 12) the features the strategy declares: pooled rows, or cached token states
-        kind = feature_kind(branch.adapter)
-        feats, cached = cached_features(store, model, tid, texts, kind=kind, progress=progress)
-        feature_seconds = time.perf_counter() - t0
-        note("features", {"seconds": feature_seconds, "cached": cached, "rows": len(texts)})
-        train_x, eval_x = feats[: len(train_data)], feats[len(train_data) :]
-        torch.manual_seed(training.seed)
-        result = train_branch(
-            branch,
-            train_x,
-            train_y,
-            eval_x,
-            eval_y,
-            training,
-            log_dir=log_dir,
-            on_epoch=lambda r: note("epoch", r),
-        )
-        model.add_branch(branch_name, branch)
 
-    fp = fingerprint_of(probe_logits(model, [branch_name])[branch_name])
-    branch.entry.update(
-        {
-            "trunk": tid,
-            "metrics": {
-                "accuracy": result.eval_metrics["accuracy"],
-                "macro_f1": result.eval_metrics["macro_f1"],
-                "eval_rows": len(eval_data),
-                "per_class": result.eval_metrics["per_class"],
-                "confusion_matrix": result.eval_metrics["confusion_matrix"],
-            },
-            "provenance": {
-                "data": full.source,
-                "train_rows": len(train_data),
-                "eval": eval_data.source,
-                "label_counts": full.counts(),
-                "training": {
-                    **config_dict(training),
-                    "steps": result.steps,
-                    "epochs_run": result.epochs_run,
-                    "best_epoch": result.best_epoch,
-                    "kept": result.kept,  # (issue 12) "best" eval epoch, or "last" on a tiny eval split
-                    "class_weights": result.class_weights,
-                    "seconds": round(result.seconds, 3),
-                },
-                "library": {"distribution": "scaler-wizard", "version": __version__},
-                "torch": torch.__version__,
-            },
-            "fingerprint": fp,
-        }
-    )
-    manifest_hash = save_version(store, model, message=f"add branch {branch_name}")
-    saved = store.get_manifest(manifest_hash)  # (issue 10 #11) rebased saves keep model.origin
-    return BranchAddResult(
-        model=model_name,
-        branch=branch_name,
-        manifest=manifest_hash,
-        version=int(saved["version"]),
-        labels=labels,
-        metrics=result.eval_metrics,
-        training=result,
-        feature_seconds=feature_seconds,
-        features_cached=cached,
+def _train_on_features(
+    store: ContentStore,
+    model: ScalerModel,
+    tid: str,
+    branch: Branch,
+    rows: _Rows,
+    training: BranchTrainingConfig,
+    log_dir: Path,
+    note: Reporter,
+    progress_factory: Callable[[str, int], Callable[[int], None]] | None,
+) -> tuple[TrainingResult, float, bool]:
+    """(result, seconds spent on features, whether they came from the cache): the trunk's
+    features of every row (cached), then the branch trained on them alone."""
+    t0 = time.perf_counter()
+    texts = rows.train.texts + rows.eval.texts
+    progress = progress_factory("trunk features", len(texts)) if progress_factory else None
+    # (issue 12) the features the strategy declares: pooled rows, or cached token states
+    kind = feature_kind(branch.adapter)
+    feats, cached = cached_features(store, model, tid, texts, kind=kind, progress=progress)
+    feature_seconds = time.perf_counter() - t0
+    note("features", {"seconds": feature_seconds, "cached": cached, "rows": len(texts)})
+    train_x, eval_x = feats[: len(rows.train)], feats[len(rows.train) :]
+    torch.manual_seed(training.seed)
+    result = train_branch(
+        branch,
+        train_x,
+        rows.train_y,
+        eval_x,
+        rows.eval_y,
+        training,
         log_dir=log_dir,
+        on_epoch=lambda r: note("epoch", r),
     )
+    return result, feature_seconds, cached

@@ -19,6 +19,7 @@ from scaler_wizard.caches.feature_shards import Rows, rows_tensor
 from scaler_wizard.caches.token_features import TokenRows
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.training.metrics import classification_metrics
+from scaler_wizard.training.schedule import warmup_linear_schedule
 
 #: Default epochs when none are given: cheap on cached features, costly for in-encoder adapters.
 EPOCHS_CACHED = 40
@@ -67,15 +68,6 @@ class TrainingResult:
 def _features(x: Tensor) -> TrunkOutput:
     empty = x.new_zeros(())
     return TrunkOutput(pooled=x, hidden=empty, mask=empty.bool(), aux_loss=empty)
-
-
-def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
 
 
 #: Cached trunk outputs: pooled rows, or token states (strategies with ``features = "tokens"``).
@@ -162,107 +154,147 @@ def fit(
     """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    head_params = [p for p in branch.head.parameters() if p.requires_grad]
-    pairs = [(adapter_params, config.lr_adapter), (head_params, config.lr_head)]
-    groups: list[dict[str, Any]] = [{"params": ps, "lr": lr} for ps, lr in pairs if ps]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    all_params = adapter_params + head_params
-    n = n_train
-    per_epoch = math.ceil(n / config.batch_size)
-    total = per_epoch * (config.epochs or EPOCHS_CACHED) if config.max_steps is None else config.max_steps
-    warmup = min(config.warmup_steps, max(1, total // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
+    run = _Fit(branch, adapter_params, config, n_train=n_train, train_y=train_y, eval_y=eval_y)
     writer = _tensorboard(log_dir)
     jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8") if log_dir else None
-    best_score: tuple[float, float] | None = None
-    best_state: list[Tensor] | None = None
-    best_epoch, bad_epochs, step, epoch = 0, 0, 0, 0
-    history: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    labels = list(branch.labels)
-    small_eval = len(eval_y) < MIN_EVAL_ROWS
-    kept = "last" if small_eval else "best"
-    stop_note = early_stop_note(config, len(eval_y))
-    loss_fn, class_weights = balanced_loss(branch, train_y, len(labels), config.class_balance)
     try:
-        while step < total:
-            epoch += 1
-            branch.train()
-            perm = torch.randperm(n, generator=gen)
-            losses = []
-            for start in range(0, n, config.batch_size):
-                if step >= total:
-                    break
-                idx = perm[start : start + config.batch_size]
-                logits = batch_logits(idx)
-                loss = loss_fn(logits, train_y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(all_params, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                losses.append(finite_loss(loss.item(), step))
-                if writer:
-                    writer.add_scalar("train/loss", loss.item(), step)
-                    writer.add_scalar("train/grad_norm", float(gnorm), step)
-            branch.eval()
-            pred = eval_logits().argmax(-1)
-            metrics = classification_metrics(eval_y.tolist(), pred.tolist(), labels)
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": sum(losses) / max(1, len(losses)),
-                "eval_accuracy": metrics["accuracy"],
-                "eval_macro_f1": metrics["macro_f1"],
-                "lr_head": optimizer.param_groups[-1]["lr"],
-                "elapsed_s": time.perf_counter() - started,
-            }
-            score = (metrics["macro_f1"], metrics["accuracy"])
-            record["best"] = best_score is None or score > best_score  # the epoch kept so far
-            record["kept"] = kept
-            history.append(record)
+        while run.step < run.total:
+            losses = run.epoch(gen, batch_logits, writer)
+            record = run.evaluate(eval_logits, losses)
             if writer:
-                writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
-                writer.add_scalar("eval/macro_f1", metrics["macro_f1"], step)
+                writer.add_scalar("eval/accuracy", record["eval_accuracy"], run.step)
+                writer.add_scalar("eval/macro_f1", record["eval_macro_f1"], run.step)
             if jsonl:
                 jsonl.write(json.dumps(record) + "\n")
                 jsonl.flush()
             if on_epoch:
                 on_epoch(record)
-            if record["best"]:
-                best_score, best_epoch, bad_epochs = score, epoch, 0
-                if kept == "best":
-                    best_state = [p.detach().clone() for p in all_params]
-            else:
-                bad_epochs += 1
-                if not stop_note and bad_epochs >= config.patience:
-                    break
+            if run.should_stop(record):
+                break
     finally:
         if writer:
             writer.close()
         if jsonl:
             jsonl.close()
-    if best_state is not None:
-        with torch.no_grad():
-            for p, best in zip(all_params, best_state, strict=True):
-                p.copy_(best)
-    check_finite_weights(branch)
-    branch.eval()
-    pred = eval_logits().argmax(-1)
-    final = classification_metrics(eval_y.tolist(), pred.tolist(), labels)
-    return TrainingResult(
-        steps=step,
-        epochs_run=epoch,
-        best_epoch=best_epoch,
-        stopped_early=step < total,
-        seconds=time.perf_counter() - started,
-        history=history,
-        eval_metrics=final,
-        kept=kept,
-        early_stop_note=stop_note,
-        class_weights=class_weights,
-    )
+    return run.finish(eval_logits)
+
+
+class _Fit:
+    """The state of one :func:`fit`: optimizer, schedule, loss, and the best epoch so far."""
+
+    def __init__(
+        self,
+        branch: Branch,
+        adapter_params: list[torch.nn.Parameter],
+        config: BranchTrainingConfig,
+        *,
+        n_train: int,
+        train_y: Tensor,
+        eval_y: Tensor,
+    ) -> None:
+        self.branch, self.config, self.n, self.train_y, self.eval_y = branch, config, n_train, train_y, eval_y
+        head_params = [p for p in branch.head.parameters() if p.requires_grad]
+        pairs = [(adapter_params, config.lr_adapter), (head_params, config.lr_head)]
+        groups: list[dict[str, Any]] = [{"params": ps, "lr": lr} for ps, lr in pairs if ps]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.params = adapter_params + head_params
+        per_epoch = math.ceil(n_train / config.batch_size)
+        self.total = (
+            per_epoch * (config.epochs or EPOCHS_CACHED) if config.max_steps is None else config.max_steps
+        )
+        warmup = min(config.warmup_steps, max(1, self.total // 10))
+        self.scheduler = warmup_linear_schedule(self.optimizer, warmup, self.total)
+        self.best_score: tuple[float, float] | None = None
+        self.best_state: list[Tensor] | None = None
+        self.best_epoch, self.bad_epochs, self.step, self.epoch_no = 0, 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.labels = list(branch.labels)
+        self.kept = "last" if len(eval_y) < MIN_EVAL_ROWS else "best"
+        self.stop_note = early_stop_note(config, len(eval_y))
+        self.loss_fn, self.class_weights = balanced_loss(
+            branch, train_y, len(self.labels), config.class_balance
+        )
+
+    def epoch(
+        self, gen: torch.Generator, batch_logits: Callable[[Tensor], Tensor], writer: Any
+    ) -> list[float]:
+        """One pass over the shuffled training rows (or what is left of the step budget)."""
+        config = self.config
+        self.epoch_no += 1
+        self.branch.train()
+        perm = torch.randperm(self.n, generator=gen)
+        losses = []
+        for start in range(0, self.n, config.batch_size):
+            if self.step >= self.total:
+                break
+            idx = perm[start : start + config.batch_size]
+            loss = self.loss_fn(batch_logits(idx), self.train_y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            losses.append(finite_loss(loss.item(), self.step))
+            if writer:
+                writer.add_scalar("train/loss", loss.item(), self.step)
+                writer.add_scalar("train/grad_norm", float(gnorm), self.step)
+        return losses
+
+    def evaluate(self, eval_logits: Callable[[], Tensor], losses: list[float]) -> dict[str, Any]:
+        """The epoch's record: its mean training loss and the eval scores; ``best`` says
+        whether it is the epoch kept so far."""
+        self.branch.eval()
+        pred = eval_logits().argmax(-1)
+        metrics = classification_metrics(self.eval_y.tolist(), pred.tolist(), self.labels)
+        record = {
+            "epoch": self.epoch_no,
+            "step": self.step,
+            "train_loss": sum(losses) / max(1, len(losses)),
+            "eval_accuracy": metrics["accuracy"],
+            "eval_macro_f1": metrics["macro_f1"],
+            "lr_head": self.optimizer.param_groups[-1]["lr"],
+            "elapsed_s": time.perf_counter() - self.started,
+        }
+        self.score = (metrics["macro_f1"], metrics["accuracy"])
+        record["best"] = self.best_score is None or self.score > self.best_score  # the epoch kept so far
+        record["kept"] = self.kept
+        self.history.append(record)
+        return record
+
+    def should_stop(self, record: dict[str, Any]) -> bool:
+        """Keep the epoch's weights if it is the best so far; True when patience runs out."""
+        if record["best"]:
+            self.best_score, self.best_epoch, self.bad_epochs = self.score, self.epoch_no, 0
+            if self.kept == "best":
+                self.best_state = [p.detach().clone() for p in self.params]
+            return False
+        self.bad_epochs += 1
+        return not self.stop_note and self.bad_epochs >= self.config.patience
+
+    def finish(self, eval_logits: Callable[[], Tensor]) -> TrainingResult:
+        """Put back the kept weights, refuse non-finite ones, and score them."""
+        if self.best_state is not None:
+            with torch.no_grad():
+                for p, best in zip(self.params, self.best_state, strict=True):
+                    p.copy_(best)
+        check_finite_weights(self.branch)
+        self.branch.eval()
+        pred = eval_logits().argmax(-1)
+        final = classification_metrics(self.eval_y.tolist(), pred.tolist(), self.labels)
+        return TrainingResult(
+            steps=self.step,
+            epochs_run=self.epoch_no,
+            best_epoch=self.best_epoch,
+            stopped_early=self.step < self.total,
+            seconds=time.perf_counter() - self.started,
+            history=self.history,
+            eval_metrics=final,
+            kept=self.kept,
+            early_stop_note=self.stop_note,
+            class_weights=self.class_weights,
+        )
 
 
 def early_stop_note(config: BranchTrainingConfig, eval_rows: int) -> str:

@@ -31,15 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from scaler_wizard.banks.atomic import atomic_write_bytes, fsync_path
-from scaler_wizard.errors import ScalerError
+from scaler_wizard.errors import CheckpointError
 
 FORMAT = "scaler-wizard/train-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
-
-
-class CheckpointError(ScalerError):
-    """A checkpoint is missing, incomplete or does not fit the run."""
 
 
 @dataclass
@@ -190,9 +186,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         model = load_file(str(path / "model.safetensors"))
         opt = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}".splitlines()[0]) from exc
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}".splitlines()[0], path=path) from exc
     if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint", path=path)
     rng_tensors = {k: v for k, v in opt.items() if k.startswith("rng/")}
     opt_tensors = {k: v for k, v in opt.items() if k.startswith("state/")}
     state = {k: v for k, v in doc.items() if k not in ("format", "format_version", "optimizer", "rng")}

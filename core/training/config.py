@@ -15,12 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaler_wizard.banks.store import validate_name
-from scaler_wizard.errors import ScalerError
-
-
-class TrainConfigError(ScalerError):
-    """A bad option or config file (names the field)."""
+from scaler_wizard.errors import TrainConfigError
+from scaler_wizard.names import validate_name
 
 
 @dataclass
@@ -77,17 +73,22 @@ class TrainConfig:
         positive = ("steps", "batch_size", "keep_checkpoints", "check_window", "eval_max_rows")
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise TrainConfigError(f"{name} must be >= 1, got {value}")
+                raise TrainConfigError(f"{name} must be >= 1, got {value}", field=name)
         if not 0 < self.eval_split < 1:
-            raise TrainConfigError(f"eval_split must be between 0 and 1, got {self.eval_split}")
+            raise TrainConfigError(
+                f"eval_split must be between 0 and 1, got {self.eval_split}", field="eval_split"
+            )
         if self.temperature <= 0:
-            raise TrainConfigError(f"temperature must be > 0, got {self.temperature}")
+            raise TrainConfigError(f"temperature must be > 0, got {self.temperature}", field="temperature")
         if self.warmup_steps < 0 or not 0 <= self.warmup_fraction <= 1:
-            raise TrainConfigError("warmup_steps must be >= 0 and warmup_fraction in [0, 1]")
+            raise TrainConfigError(
+                "warmup_steps must be >= 0 and warmup_fraction in [0, 1]",
+                field="warmup_steps" if self.warmup_steps < 0 else "warmup_fraction",
+            )
 
     @property
     def warmup(self) -> int:
@@ -138,7 +139,9 @@ def parse_branch_option(text: str) -> BranchSpec:
     """``NAME=FILE[:TEXT_COL:LABEL_COL]``. A FILE that exists is taken whole, colons and all."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise TrainConfigError(f"--branch {text!r}: expected NAME=FILE[:TEXT_COL:LABEL_COL]")
+        raise TrainConfigError(
+            f"--branch {text!r}: expected NAME=FILE[:TEXT_COL:LABEL_COL]", field="--branch"
+        )
     validate_name(name, what="branch")
     path, text_col, label_col = rest, "text", "label"
     if not Path(rest).exists():
@@ -147,7 +150,7 @@ def parse_branch_option(text: str) -> BranchSpec:
             path, text_col, label_col = parts
         elif ":" in rest:
             raise TrainConfigError(
-                f"--branch {text!r}: give both columns (FILE:TEXT_COL:LABEL_COL) or neither"
+                f"--branch {text!r}: give both columns (FILE:TEXT_COL:LABEL_COL) or neither", field="--branch"
             )
     return BranchSpec(name=name, data=Path(path), text_column=text_col, label_column=label_col)
 
@@ -182,17 +185,18 @@ def load_config_file(path: Path) -> tuple[dict[str, Any], list[BranchSpec]]:
     specs: list[BranchSpec] = []
     branches = raw.pop("branches", {}) or {}
     if not isinstance(branches, dict):
-        raise TrainConfigError(f"{path}: branches: must map branch names to data")
+        raise TrainConfigError(f"{path}: branches: must map branch names to data", field="branches")
     for bname, entry in branches.items():
         where = f"{path}: branches.{bname}"
         validate_name(str(bname), what="branch")
         entry = {"data": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "data" not in entry:
-            raise TrainConfigError(f"{where}: needs at least 'data'")
+            raise TrainConfigError(f"{where}: needs at least 'data'", field=f"branches.{bname}")
         unknown = sorted(set(entry) - _SPEC_KEYS)
         if unknown:
             raise TrainConfigError(
-                f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_SPEC_KEYS))})"
+                f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_SPEC_KEYS))})",
+                field=f"branches.{bname}.{unknown[0]}",
             )
         fields = dict(entry)
         for key in ("data", "eval_data"):
@@ -202,7 +206,7 @@ def load_config_file(path: Path) -> tuple[dict[str, Any], list[BranchSpec]]:
         specs.append(BranchSpec.from_json({"name": str(bname), **fields}))
     unknown = sorted(set(raw) - _CONFIG_KEYS)
     if unknown:
-        raise TrainConfigError(f"{path}: unknown setting {unknown[0]!r}")
+        raise TrainConfigError(f"{path}: unknown setting {unknown[0]!r}", field=unknown[0])
     return raw, specs
 
 

@@ -94,18 +94,22 @@ def load_labelled(
     ``progress(progress_desc, file size)`` gives the callback told the bytes read so far."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path}: is a directory; give a data file (.csv, .tsv, .jsonl or .parquet)")
+        raise DataError(
+            f"{path}: is a directory; give a data file (.csv, .tsv, .jsonl or .parquet)", path=path
+        )
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file", path=path)
     fmt = fmt or FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"{path}: unknown format {path.suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
+        raise DataError(
+            f"{path}: unknown format {path.suffix!r} (use .csv, .tsv, .jsonl or .parquet)", path=path
+        )
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
+        raise DataError(f"{path}: the file is empty", path=path)
     advance = progress(progress_desc, path.stat().st_size) if progress else None
     cols = read_columns(path, fmt, text_column, label_column, rows=chunk_rows, advance=advance)
     if len(cols.texts) == 0:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows", path=path)
     texts_raw, labels_raw = cols.texts, cols.labels
     # Fast path (millions of rows): every label a non-blank plain string, every text a
     # non-blank plain string; anything else goes through the row-by-row checks below.
@@ -120,7 +124,8 @@ def load_labelled(
         if bad_labels:
             raise DataError(
                 f"{path}: label column {label_column!r} is blank or NaN in {len(bad_labels)} rows "
-                f"(first: data row {bad_labels[0]})"
+                f"(first: data row {bad_labels[0]})",
+                path=path,
             )
     if not all(type(v) is str and v and not v.isspace() for v in texts_raw):
         _check_texts(path, texts_raw, text_column)
@@ -137,7 +142,8 @@ def load_labelled(
     classes = sorted(set(labels))
     if len(classes) < min_classes:
         raise DataError(
-            f"{path}: label column {label_column!r} has only one class ({classes[0]!r}); a classifier needs at least two"
+            f"{path}: label column {label_column!r} has only one class ({classes[0]!r}); a classifier needs at least two",
+            path=path,
         )
     return LabelledData(
         texts=texts_raw,  # all str (checked above): no copy
@@ -158,12 +164,14 @@ def _check_texts(path: Path, texts_raw: list[Any], text_column: str) -> None:
     bad_texts = [i + 1 for i, v in enumerate(texts_raw) if _blank(v)]
     if bad_texts:
         raise DataError(
-            f"{path}: text column {text_column!r} is blank in {len(bad_texts)} rows (first: data row {bad_texts[0]})"
+            f"{path}: text column {text_column!r} is blank in {len(bad_texts)} rows (first: data row {bad_texts[0]})",
+            path=path,
         )
     not_text = [i + 1 for i, v in enumerate(texts_raw) if not isinstance(v, str) or isinstance(v, Number)]
     if not_text:
         raise DataError(
-            f"{path}: text column {text_column!r} holds non-text values (first: data row {not_text[0]})"
+            f"{path}: text column {text_column!r} holds non-text values (first: data row {not_text[0]})",
+            path=path,
         )
 
 
@@ -179,7 +187,8 @@ def _check_scalar_labels(path: Path, labels_raw: list[Any], label_column: str) -
             kind = f"a {type(value).__name__} value"
         raise DataError(
             f"{path}: label column {label_column!r} holds {kind} in {len(not_scalar)} rows "
-            f"(first: data row {row}); a label is a string, number or boolean"
+            f"(first: data row {row}); a label is a string, number or boolean",
+            path=path,
         )
 
 
@@ -288,6 +297,7 @@ def load_train_eval(
     if len(held) == 0:
         raise DataError(
             f"{path}: too few rows to hold out an evaluation set (every class has one row); "
-            "add rows or pass --eval-data"
+            "add rows or pass --eval-data",
+            path=path,
         )
     return full, train, held

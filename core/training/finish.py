@@ -17,6 +17,8 @@ from typing import Any
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.hashing import sha256_file
+from scaler_wizard.errors import ScalerError
+from scaler_wizard.training.plan import RunPlan
 
 
 def plan_digest(run_file: Path) -> str:
@@ -52,3 +54,24 @@ def finished_version(
     manifest = store.get_manifest(head)
     ok = saved_by_run(manifest, start_manifest=start_manifest, digest=digest, branches=branches)
     return str(head) if ok else None
+
+
+def check_head(
+    store: ContentStore, plan: RunPlan, digest: str, *, resume: bool
+) -> tuple[str | None, str | None]:
+    """(the model's head, the version this run already saved or None). A run killed after
+    saving its version but before ``result.json`` finds its own version as the head; any other
+    head than the run's start is refused."""
+    head = store.get_ref(plan.model)
+    saved = None
+    if resume and head is not None and head != plan.start_manifest:
+        trained = [b.name for b in plan.branches]
+        saved = finished_version(
+            store, head, start_manifest=plan.start_manifest, digest=digest, branches=trained
+        )
+    if head != plan.start_manifest and saved is None:
+        raise ScalerError(
+            f"model {plan.model!r} moved to {head} since this run started from {plan.start_manifest}; "
+            "start a new run on the current version"
+        )
+    return head, saved

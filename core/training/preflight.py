@@ -8,12 +8,12 @@ placeholder bank hashes, and validates it.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
-from scaler_wizard.banks.store import validate_name
 from scaler_wizard.manifests import validate_manifest
+from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import Registry, get_registry
+from scaler_wizard.training.clock import utc_now_iso
 
 #: Stands for a bank not written yet (well-formed, so only the other fields are judged).
 PLACEHOLDER = "sha256:" + "0" * 64
@@ -74,7 +74,7 @@ def preflight_branch(
         **manifest,
         "version": version + 1 if isinstance(version, int) else version,
         "parent": PLACEHOLDER,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created": utc_now_iso(),
         "branches": {**(manifest.get("branches") or {}), name: entry},
     }
     validate_manifest(dry, where=f"branch {name!r} (checked before training)")

@@ -64,7 +64,7 @@ def check_utf8(path: Path) -> None:
                 where = offset - len(pending) + exc.start
                 lines += (pending + chunk)[: exc.start].count(b"\n")
                 raise DataError(
-                    f"{path}: not UTF-8 text ({exc.reason} at byte {where}, line {lines})"
+                    f"{path}: not UTF-8 text ({exc.reason} at byte {where}, line {lines})", path=path
                 ) from exc
             if not chunk:
                 return
@@ -85,10 +85,12 @@ def check_columns(path: Path, cols: Columns, text_column: str, label_column: str
     columns, header = cols.columns, cols.header or cols.columns
     for role, col in (("text", text_column), ("label", label_column)):
         if col not in columns:
-            raise DataError(f"{path}: no {role} column {col!r} (columns: {', '.join(columns) or 'none'})")
+            raise DataError(
+                f"{path}: no {role} column {col!r} (columns: {', '.join(columns) or 'none'})", path=path
+            )
         if header.count(col) > 1:
             raise DataError(
-                f"{path}: {header.count(col)} columns are named {col!r}; rename or drop the extra"
+                f"{path}: {header.count(col)} columns are named {col!r}; rename or drop the extra", path=path
             )
 
 
@@ -168,13 +170,15 @@ def _read_csv(
                     progress(f.tell())
     except UnicodeDecodeError as exc:
         check_utf8(path)
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from exc
     except pd.errors.EmptyDataError as exc:
-        raise DataError(f"{path}: the file is empty") from exc
+        raise DataError(f"{path}: the file is empty", path=path) from exc
     except (pd.errors.ParserError, ValueError, OSError) as exc:
-        raise DataError(f"{path}: cannot read as {fmt.upper()}: {str(exc).splitlines()[0]}") from exc
+        raise DataError(
+            f"{path}: cannot read as {fmt.upper()}: {str(exc).splitlines()[0]}", path=path
+        ) from exc
     if cols is None:  # pandas yields one empty chunk for a header-only file; never none
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows", path=path)
     return cols
 
 
@@ -210,7 +214,7 @@ def _read_jsonl(path: Path, text_column: str, label_column: str, rows: int, prog
         obj: dict[str, Any] = {}
         for key, value in items:
             if key in obj:
-                raise DataError(f"{path}: data row {count[0] + 1} has the key {key!r} twice")
+                raise DataError(f"{path}: data row {count[0] + 1} has the key {key!r} twice", path=path)
             obj[key] = value
         return obj
 
@@ -222,9 +226,9 @@ def _read_jsonl(path: Path, text_column: str, label_column: str, rows: int, prog
         except DataError:
             raise
         except ValueError as exc:
-            raise DataError(f"{path}: cannot read as JSONL: line {number}: {exc}") from exc
+            raise DataError(f"{path}: cannot read as JSONL: line {number}: {exc}", path=path) from exc
         if not isinstance(row, dict):
-            raise DataError(f"{path}: cannot read as JSONL: line {number} is not a JSON object")
+            raise DataError(f"{path}: cannot read as JSONL: line {number} is not a JSON object", path=path)
         for key in row:
             columns.setdefault(key)
         texts.append(row.get(text_column))
@@ -262,5 +266,5 @@ def _read_parquet(path: Path, text_column: str, label_column: str, rows: int, pr
     except DataError:
         raise
     except (ValueError, OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot read as PARQUET: {str(exc).splitlines()[0]}") from exc
+        raise DataError(f"{path}: cannot read as PARQUET: {str(exc).splitlines()[0]}", path=path) from exc
     return cols

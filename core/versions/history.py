@@ -1,14 +1,117 @@
-"""Version history: parents, ``name@N`` lookups, rollback by moving the ref (with a reflog)."""
+"""Version history: parents, ``name@N`` lookups, rollback by moving the ref (with a reflog).
+
+The runtime's history API, for the CLI and library users (nobody needs to index a raw
+manifest dict to list, name or move versions)::
+
+    from scaler_wizard.versions.history import Version, log, resolve, rollback
+
+    v = resolve(store, "demo@3")          # name | name@N | name@vN | name@<hash prefix> | sha256:<hash>
+    v.number, v.hash, v.parent, v.message, v.branches, v.manifest
+    for old in log(store, "demo"):        # newest first, back to version 1
+        print(old.number, old.short, old.message)
+    rollback(store, "demo", "2")          # moves the ref (and logs the move); nothing is deleted
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from scaler_wizard.banks.hashing import BankHash, is_bank_hash
 from scaler_wizard.banks.store import ContentStore
 from scaler_wizard.errors import ConflictError, ManifestError, ModelNotFoundError, ScalerError
+from scaler_wizard.manifests.model import BranchEntry, Manifest, parse_manifest
+from scaler_wizard.versions.builder import rebased
 
 _MAX_DEPTH = 100_000
+
+
+@dataclass(frozen=True)
+class Version:
+    """One version of a model: the fields of its manifest people ask about, and the manifest.
+
+    ``name`` is the model's name as it was asked for (the ref; a pulled ``--as`` copy keeps
+    the published name in its manifest), else the manifest's own ``name``.
+    """
+
+    name: str
+    number: int
+    hash: BankHash
+    parent: str | None
+    message: str | None
+    created: str
+    branches: tuple[str, ...]
+    manifest: dict[str, Any] = field(repr=False, compare=False, hash=False)
+
+    @property
+    def short(self) -> str:
+        """The hash as ``scaler history`` shows it (12 hex digits)."""
+        return self.hash.short
+
+    @classmethod
+    def of(cls, h: str, manifest: dict[str, Any], *, name: str | None = None) -> Version:
+        """A version from a manifest already read (not validated here)."""
+        return cls(
+            name=name if name is not None else str(manifest.get("name", "?")),
+            number=manifest.get("version"),  # type: ignore[arg-type]  # an int once validated
+            hash=BankHash(h),
+            parent=manifest.get("parent"),
+            message=manifest.get("message"),
+            created=manifest.get("created"),  # type: ignore[arg-type]
+            branches=tuple(sorted(manifest.get("branches") or {})),
+            manifest=manifest,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        store: ContentStore,
+        h: str,
+        *,
+        name: str | None = None,
+        validate: bool = True,
+        where: str | None = None,
+    ) -> Version:
+        """Version ``h`` of the store (its manifest schema-validated unless ``validate=False``)."""
+        manifest = store.get_manifest(h)
+        if validate:
+            parse_manifest(manifest, where=where or f"manifest {BankHash(h).short}")
+        return cls.of(h, manifest, name=name)
+
+    def summary(self) -> dict[str, Any]:
+        """One entry of ``scaler history --json``."""
+        return {
+            "manifest": self.hash,
+            "version": self.number,
+            "parent": self.parent,
+            "created": self.created,
+            "message": self.message,
+            "branches": list(self.branches),
+        }
+
+
+def resolve(store: ContentStore, spec: str, *, validate: bool = True) -> Version:
+    """``name`` | ``name@3`` | ``name@v3`` | ``name@<hash prefix>`` | ``sha256:<hash>`` -> the version.
+
+    Unknown or ambiguous versions are one-line ScalerErrors that list what exists.
+    """
+    name, h = resolve_version(store, spec)
+    return Version.load(store, h, name=name, validate=validate)
+
+
+def log(store: ContentStore, spec: str, *, validate: bool = True) -> list[Version]:
+    """The versions from ``spec`` (as ``resolve`` takes it) back to version 1, newest first.
+
+    A pulled model may have a shallow history: the walk stops at the first parent the store
+    lacks. Each manifest is schema-validated unless ``validate=False``.
+    """
+    name, head = resolve_version(store, spec)
+    out = []
+    for h, manifest in history(store, head):
+        if validate:
+            parse_manifest(manifest, where=f"manifest {h.short}")
+        out.append(Version.of(h, manifest, name=name))
+    return out
 
 
 def history(store: ContentStore, head: str) -> list[tuple[BankHash, dict[str, Any]]]:
@@ -83,29 +186,31 @@ def _rebase_conflict(name: str, head: str, origin: str, why: str) -> ConflictErr
 def rebase_branches(
     name: str,
     *,
-    origin: tuple[str, dict[str, Any]],
-    ours: dict[str, Any],
-    head: tuple[str, dict[str, Any]],
-) -> dict[str, Any]:
+    origin: tuple[str, Manifest],
+    ours: Manifest,
+    head: tuple[str, Manifest],
+    message: str | None = None,
+) -> Manifest:
     """Re-apply a change made on ``origin`` onto the model's newer ``head`` (as git rebases).
 
     Possible only for a change of branches alone (adding, removing or replacing branches) on
     a head whose base and trunk are still those of ``origin``: branches depend on the trunk
     only, so each side's branch changes carry over unchanged. Returns ``ours`` with the
-    branches merged and ``parent`` = the head; raises ConflictError (one line) when the trunk
-    changed on either side or both sides changed the same branch.
+    branches merged, ``parent`` = the head and ``message`` (default: ours), validated;
+    raises ConflictError (one line) when the trunk changed on either side or both sides
+    changed the same branch.
     """
     origin_h, base = origin
     head_h, theirs = head
     for part in ("base", "trunk"):
-        if ours[part] != base[part]:
+        if getattr(ours, part) != getattr(base, part):
             raise _rebase_conflict(name, head_h, origin_h, f"this change replaces the {part}")
-        if theirs[part] != base[part]:
+        if getattr(theirs, part) != getattr(base, part):
             raise _rebase_conflict(
-                name, head_h, origin_h, f"v{theirs.get('version')} changed the {part} this change was made on"
+                name, head_h, origin_h, f"v{theirs.version} changed the {part} this change was made on"
             )
-    b_base, b_ours, b_theirs = base["branches"], ours["branches"], theirs["branches"]
-    merged: dict[str, Any] = {}
+    b_base, b_ours, b_theirs = base.branches, ours.branches, theirs.branches
+    merged: dict[str, BranchEntry] = {}
     for branch in sorted({*b_base, *b_ours, *b_theirs}):
         was, mine, other = b_base.get(branch), b_ours.get(branch), b_theirs.get(branch)
         if mine == was:
@@ -114,12 +219,10 @@ def rebase_branches(
             pick = mine
         else:
             did = "added" if was is None else "removed" if other is None else "changed"
-            raise _rebase_conflict(
-                name, head_h, origin_h, f"v{theirs.get('version')} {did} branch {branch!r} too"
-            )
+            raise _rebase_conflict(name, head_h, origin_h, f"v{theirs.version} {did} branch {branch!r} too")
         if pick is not None:
             merged[branch] = pick
-    return {**ours, "parent": str(head_h), "branches": merged}
+    return rebased(ours, onto=str(head_h), branches=merged, message=message)
 
 
 def _is_number(text: str) -> bool:
@@ -166,7 +269,7 @@ def rollback(store: ContentStore, name: str, version: str) -> BankHash:
         store.clean_temp(stale_only=True)
         current = store.get_ref(name)
         if current is None:
-            raise ModelNotFoundError(f"no model named {name!r}")
+            raise ModelNotFoundError(f"no model named {name!r}", name=name, available=store.models())
         target = find_version(store, name, version)
         if target != current:
             store.set_ref(name, target, expected=current, reason=f"rollback to {version}")

@@ -91,7 +91,7 @@ def test_trunk_layer_with_expert_choice_records_a_complete_config() -> None:
         hidden_size=D, num_experts=E, gating="expert-choice", gating_config={"capacity_factor": 1.0}
     )
     assert layer.gating_ref is not None
-    assert layer.gating_ref["config"] == {"capacity_factor": 1.0, "entropy_weight": 0.0}
+    assert layer.gating_ref.config_dict() == {"capacity_factor": 1.0, "entropy_weight": 0.0}
     hidden, mask = torch.randn(2, 5, D), torch.ones(2, 5, dtype=torch.bool)
     out, aux, stats = layer(hidden, mask)
     assert out.shape == hidden.shape and stats.tokens == 10

@@ -4,22 +4,9 @@ given texts' tokens spread over its experts."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-
-
-def _compose() -> Callable[..., Any]:
-    """``scaler_wizard.compose``, the function.
-
-    In scaler-wizard 0.1 the name is shadowed by the submodule of the same name once that
-    is imported, so ``from scaler_wizard import compose`` may give the module; accept both.
-    """
-    import scaler_wizard
-
-    found = scaler_wizard.compose
-    return getattr(found, "compose", found)
 
 
 def expert_usage(
@@ -34,11 +21,11 @@ def expert_usage(
     """Show each MoE layer's gating plugin and the share of tokens each expert receives."""
     import torch
 
-    from scaler_wizard import ContentStore
+    from scaler_wizard import ContentStore, compose
 
     # Global options (`scaler --store PATH ...`) belong to the root command's context.
     store = ContentStore.open(ctx.find_root().params.get("store"))
-    composed = _compose()(store, model)
+    composed = compose(store, model)
     loads: list[list[float]] = []
     if texts:
         batch = composed.base.tokenize(list(texts), composed.device)
@@ -47,7 +34,7 @@ def expert_usage(
         loads = [[round(v, 4) for v in layer_stats.load.tolist()] for layer_stats in trunk.stats]
     rows: list[dict[str, Any]] = []
     for i, layer in enumerate(composed.trunk.layers):
-        ref = layer.gating_ref
+        ref = layer.gating_ref.to_dict()  # the manifest's plugin_ref (a typed PluginRef)
         rows.append(
             {
                 "layer": i,

@@ -1,0 +1,15 @@
+"""Timestamps a training run records: one home for the package's clock formats."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+
+def utc_now_iso() -> str:
+    """Now, in UTC, to the second: ``2026-01-31T12:00:00Z`` (manifests, run plans)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def utc_stamp() -> str:
+    """Now, in UTC, as a folder-name stamp: ``20260131T120000Z`` (run and log folders)."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
