@@ -154,9 +154,17 @@ def save_adapter(host: EncoderHost, branch: str, dest: Path, *, base_name: str) 
     # Stable bytes: the config must not carry the temporary folder the base was loaded from.
     cfg.base_model_name_or_path = base_name
     cfg.revision = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft.save_pretrained(str(dest), selected_adapters=[name])
+    # PEFT keeps target_modules as a set and writes it in set order, which changes from one
+    # process to the next (string hashing): sorted, the same adapter gives the same bank bytes.
+    modules = cfg.target_modules
+    if isinstance(modules, (set, frozenset)):
+        cfg.target_modules = sorted(modules)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.save_pretrained(str(dest), selected_adapters=[name])
+    finally:
+        cfg.target_modules = modules
     folder = dest / name
     card = folder / "README.md"
     if card.exists():

@@ -140,3 +140,27 @@ def test_branch_add_peft_lora_cli(scaler_env: dict[str, str]) -> None:
     assert set(preds) == {"spam", "topic", "spam2"}
     assert preds["spam2"]["label"] in ("ham", "spam")
     assert run_scaler("verify", "demo", "--deep", env=scaler_env).returncode == 0
+
+
+class _UnsortedSet(set):  # type: ignore[type-arg]
+    """A set that iterates in reverse-sorted order: what another process's string hashing may give."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(sorted(super().__iter__(), reverse=True))
+
+
+def test_the_adapter_config_is_written_in_one_order_whatever_the_set_order(
+    store: ContentStore, tmp_path: Path
+) -> None:
+    """Same adapter -> same bank bytes in every process: target_modules is written sorted."""
+    from scaler_wizard.plugins.peft_impl import adapter_name, save_adapter
+
+    model = compose(store, "demo")
+    model.add_branch("intent", new_branch(hidden_size=384, labels=["a", "b"], strategy="peft-lora"))
+    cfg = peft_model(model.base).peft_config[adapter_name("intent")]
+    cfg.target_modules = _UnsortedSet(cfg.target_modules)
+    assert list(cfg.target_modules) != sorted(cfg.target_modules)
+    folder = save_adapter(model.base, "intent", tmp_path / "out", base_name="base")
+    written = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+    assert written == sorted(written)
+    assert isinstance(cfg.target_modules, _UnsortedSet)  # the live config is left as it was

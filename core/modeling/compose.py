@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,10 +22,8 @@ from scaler_wizard.errors import (
 )
 from scaler_wizard.manifests.facts import (
     banks_of,
-    base_display_name,
     check_branch_trunk,
     trunk_id,
-    trunk_id_of,
     trunk_ids,
 )
 from scaler_wizard.manifests.model import (
@@ -33,13 +32,10 @@ from scaler_wizard.manifests.model import (
     Manifest,
     PluginRef,
     Provider,
-    TrunkEntry,
-    TrunkLayer,
 )
 from scaler_wizard.modeling.bank_checks import (
     adapter_meta,
     check_bank_metadata,
-    encode_with_metadata,
     head_meta,
     trunk_layer_meta,
 )
@@ -50,10 +46,10 @@ from scaler_wizard.modeling.bank_loading import meta_probe as _meta_probe
 from scaler_wizard.modeling.bank_loading import moe_layer as _moe_layer
 from scaler_wizard.modeling.base_encoder import import_base, load_base, locate_base
 from scaler_wizard.modeling.model import Origin, ScalerModel, Trunk
+from scaler_wizard.modeling.saving import TrainedRecord, build_manifest
 from scaler_wizard.moe import Gating, MoELayer
 from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import Registry, get_registry
-from scaler_wizard.versions.builder import new_version
 from scaler_wizard.versions.history import next_version, rebase_branches, resolve_version
 
 
@@ -271,139 +267,21 @@ def compose(
     return model
 
 
-#: What ``Branch.entry`` may hold (``adapter_bank``/``head_bank`` are written by the save).
-_ENTRY_KEYS = frozenset({"strategy", "head", "labels", "trunk", "provenance", "metrics", "fingerprint"})
-
-
-def _trunk_entry(store: ContentStore, trunk: Trunk, base: BaseEntry, previous: Manifest | None) -> TrunkEntry:
-    """Write the trunk's layer banks (deduplicated); the manifest's ``trunk``."""
-    prev_layers = previous.trunk.layers if previous is not None else ()
-    layers = []
-    for i, layer in enumerate(trunk.layers):
-        assert isinstance(layer, MoELayer)
-        ref = layer.gating_ref
-        if ref is None:
-            raise ScalerError(f"trunk.layers[{i}] was not built by new_trunk_layer/compose: no gating_ref")
-        # -- self-describing banks (engineer D, issue 10 item 6): layer index + gating config --
-        bank = encode_with_metadata(
-            layer.state_dict(),
-            kind="trunk-layer",
-            metadata=trunk_layer_meta(ref, i),
-            legacy={"gating": ref.plugin},
-            previous=prev_layers[i].bank if i < len(prev_layers) else None,
-        )
-        # -- end self-describing banks --
-        layers.append(
-            TrunkLayer(
-                bank=str(store.put_bytes(bank.data)),
-                num_experts=layer.num_experts,
-                expert_hidden=layer.expert_hidden,
-                gating=ref,
-            )
-        )
-    return TrunkEntry(hidden_size=base.hidden_size, pooling=trunk.pooling, layers=tuple(layers))
-
-
-def _branch_entry(
-    store: ContentStore,
-    bname: str,
-    branch: Branch,
-    *,
-    base: EncoderHost | None,
-    base_entry: BaseEntry,
-    tid: str,
-) -> BranchEntry:
-    """Write a branch's banks (deduplicated); its manifest entry (recorded on trunk ``tid``
-    unless its ``.entry`` names the trunk it was trained on)."""
-    entry = dict(getattr(branch, "entry", {}))
-    if "strategy" not in entry or "head" not in entry:
-        raise ScalerError(f"branch {bname!r} was not built by new_branch/compose: no plugin refs")
-    unknown = sorted(set(entry) - _ENTRY_KEYS - {"adapter_bank", "head_bank"})
-    if unknown:
-        raise ManifestError(
-            f"new manifest: branches.{bname}: unknown field {unknown[0]!r}", field=f"branches.{bname}"
-        )
-    strategy, head_ref = PluginRef.from_dict(entry["strategy"]), PluginRef.from_dict(entry["head"])
-    if branch.adapter.bank_format == "folder":
-        if base is None:
-            raise ScalerError(
-                f"branch {bname!r} keeps its adapter in the base encoder: save it with its model"
-            )
-        staging = store.scratch_dir("adapter-export")
-        try:
-            folder = branch.adapter.export_folder(
-                base, bname, staging, base_name=base_display_name(base_entry)
-            )
-            adapter_bank = str(store.put_tree(folder, kind="adapter", layout=branch.adapter.bank_layout))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    else:
-        adapter = encode_with_metadata(  # self-describing banks (engineer D): + strategy config
-            branch.adapter.state_dict(), kind="adapter", metadata=adapter_meta(bname, strategy)
-        )
-        adapter_bank = str(store.put_bytes(adapter.data))
-    head = encode_with_metadata(  # self-describing banks (engineer D): + head config, branch
-        branch.head.state_dict(), kind="head", metadata=head_meta(bname, head_ref, branch.labels)
-    )
-    return BranchEntry(
-        strategy=strategy,
-        adapter_bank=adapter_bank,
-        head=head_ref,
-        head_bank=str(store.put_bytes(head.data)),
-        labels=tuple(branch.labels),
-        trunk=entry.get("trunk") or tid,
-        provenance=entry.get("provenance"),
-        metrics=entry.get("metrics"),
-        fingerprint=entry.get("fingerprint"),
-    )
-
-
-def build_manifest(
-    store: ContentStore,
-    *,
-    trunk: Trunk,
-    branches: dict[str, Branch | None],
-    base_entry: BaseEntry,
-    parent: Manifest | None,
-    name: str,
-    version: int,
-    message: str,
-    base: EncoderHost | None = None,
-    previous: Manifest | None = None,
-    kept: dict[str, dict[str, Any]] | None = None,
-) -> Manifest:
-    """Write the banks (deduplicated) and return the new version (not yet stored).
-
-    ``branches`` maps each branch to its module, or to None when it was never loaded since
-    compose (its entry is then ``kept[name]``, as composed unless a caller replaced it).
-    ``parent`` is the version it follows (None for a first version or a "save as"); a
-    branch left recorded on another trunk is marked stale (:func:`new_version`).
-    ``previous`` is the version the model was composed from (its trunk banks are kept
-    byte for byte when the tensors did not change, whatever form older code wrote).
-    """
-    new_trunk = _trunk_entry(store, trunk, base_entry, previous)
-    tid = trunk_id_of(base_entry, new_trunk)
-    entries: dict[str, BranchEntry] = {}
-    for bname, branch in branches.items():
-        if branch is None:  # untouched since compose: keep its entry as it was
-            entries[bname] = BranchEntry.from_dict((kept or {})[bname])
-        else:
-            entries[bname] = _branch_entry(store, bname, branch, base=base, base_entry=base_entry, tid=tid)
-    return new_version(
-        parent,
-        name=name,
-        version=version,
-        message=message,
-        base=base_entry,
-        trunk=new_trunk,
-        branches=entries,
-    )
-
-
 def save_version(
-    store: ContentStore, model: ScalerModel, *, message: str, name: str | None = None
+    store: ContentStore,
+    model: ScalerModel,
+    *,
+    message: str,
+    name: str | None = None,
+    records: Mapping[str, TrainedRecord] | None = None,
+    entries: Mapping[str, BranchEntry] | None = None,
 ) -> BankHash:
     """Save a model as a new version: banks first, then the manifest, then the ref (last).
+
+    Each loaded branch's entry is made from its module and its banks (``records[name]``
+    says how a branch trained just before was trained); each branch not loaded since
+    compose keeps its entry, or gets ``entries[name]`` (``scaler train`` marks the branches
+    it leaves behind stale so).
 
     The new version is numbered one above the highest the model ever had (so numbers stay
     unique after a rollback). If the model's name moved on since this model was composed,
@@ -434,6 +312,11 @@ def save_version(
                 raise ConflictError(f"model {target!r} already exists", model=target)
             parent, version = None, 1
         branches = {n: (model.branch(n) if model.is_loaded(n) else None) for n in model.branch_names}
+        strays = sorted(set(entries or {}) - {n for n, b in branches.items() if b is None})
+        if strays:
+            raise ScalerError(
+                f"branch {strays[0]!r} has an entry given, but it is loaded or not in the model"
+            )
         manifest = build_manifest(
             store,
             trunk=model.trunk,
@@ -441,7 +324,8 @@ def save_version(
             base=model.base,
             base_entry=origin.manifest.base,
             previous=origin.manifest,
-            kept=origin.branch_entries,
+            kept={**origin.manifest.branches, **(entries or {})},
+            records=records,
             name=target,
             parent=parent,
             version=version,
@@ -530,6 +414,7 @@ def init_model(
 __all__ = [
     "ManifestError",
     "Origin",
+    "TrainedRecord",
     "compose",
     "init_model",
     "new_branch",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, overload
 
 import torch
@@ -46,26 +46,18 @@ class Trunk(nn.Module):
 class Origin:
     """Which stored version a composed model came from (``manifest``: its typed manifest).
 
-    ``base_entry`` and ``branch_entries`` are that manifest's ``base`` and branch entries as
-    JSON objects: a save copies ``branch_entries[name]`` for each branch not loaded since
-    compose, so a caller may replace one (``scaler train`` marks a branch stale so).
+    ``base_entry`` is that manifest's ``base`` as a JSON object (what the base-state cache
+    keys on).
     """
 
     name: str
     manifest_hash: str
     manifest: Manifest
     base_entry: dict[str, Any]
-    branch_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, name: str, manifest_hash: str, manifest: Manifest) -> Origin:
-        return cls(
-            name,
-            manifest_hash,
-            manifest,
-            manifest.base.to_dict(),
-            {n: e.to_dict() for n, e in manifest.branches.items()},
-        )
+        return cls(name, manifest_hash, manifest, manifest.base.to_dict())
 
 
 @dataclass

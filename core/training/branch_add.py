@@ -22,6 +22,7 @@ from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.modeling.saving import TrainedRecord
 from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import get_registry
 from scaler_wizard.training.branch_fit import (
@@ -192,22 +193,21 @@ def add_branch(
         )
         model.add_branch(branch_name, branch)
 
-    fp = fingerprint_of(probe_logits(model, [branch_name])[branch_name])
-    branch.entry.update(
-        {
-            "trunk": tid,
-            "metrics": branch_metrics(result.eval_metrics, len(rows.eval)),
-            "provenance": branch_provenance(rows.full, rows.train, rows.eval, fit_record(training, result)),
-            "fingerprint": fp,
-        }
+    record = TrainedRecord(
+        trunk=tid,
+        metrics=branch_metrics(result.eval_metrics, len(rows.eval)),
+        provenance=branch_provenance(rows.full, rows.train, rows.eval, fit_record(training, result)),
+        fingerprint=fingerprint_of(probe_logits(model, [branch_name])[branch_name]),
     )
-    manifest_hash = save_version(store, model, message=f"add branch {branch_name}")
-    saved = store.get_manifest(manifest_hash)  # (issue 10 #11) rebased saves keep model.origin
+    manifest_hash = save_version(
+        store, model, message=f"add branch {branch_name}", records={branch_name: record}
+    )
+    saved = store.manifest(manifest_hash)  # (issue 10 #11) rebased saves keep model.origin
     return BranchAddResult(
         model=model_name,
         branch=branch_name,
         manifest=manifest_hash,
-        version=int(saved["version"]),
+        version=saved.version,
         labels=rows.labels,
         metrics=result.eval_metrics,
         training=result,
@@ -248,7 +248,7 @@ def _check_request(
         strategy_config, where="strategy.config"
     )
     registry.get("head", head, where="--head").build_config(head_config, where="head.config")
-    existing = store.get_manifest(store.resolve(model_name))["branches"]
+    existing = store.manifest(store.resolve(model_name)).branches
     if branch_name in existing:
         raise ScalerError(
             f"model {model_name!r} already has a branch {branch_name!r} "
@@ -277,7 +277,7 @@ def _read_data(
     )
     labels = full.label_names()
     # -- preflight (engineer D, issue 10 item 9): every manifest rule, before any training --
-    preflight_branch(store.get_manifest(store.resolve(model_name)), branch_name, labels=labels, **plugins)
+    preflight_branch(store.manifest(store.resolve(model_name)), branch_name, labels=labels, **plugins)
     # -- end preflight --
     train_y = label_targets(train_data, labels, str(data.path), known_as=KNOWN_AS)
     eval_y = label_targets(eval_data, labels, str(data.eval_path or data.path), known_as=KNOWN_AS)

@@ -12,12 +12,13 @@ other run has the same one).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.hashing import sha256_file
 from scaler_wizard.errors import ScalerError
+from scaler_wizard.manifests.model import Manifest
 from scaler_wizard.training.plan import RunPlan
 
 
@@ -26,20 +27,17 @@ def plan_digest(run_file: Path) -> str:
     return str(sha256_file(run_file))
 
 
-def saved_by_run(manifest: dict[str, Any], *, start_manifest: str, digest: str, branches: list[str]) -> bool:
+def saved_by_run(manifest: Manifest, *, start_manifest: str, digest: str, branches: list[str]) -> bool:
     """True if ``manifest`` is the version the run (``digest``, from ``start_manifest``,
     training ``branches``) saved: its parent is the run's start and every branch the run
     trained says it was trained by this very run."""
-    if manifest.get("parent") != start_manifest or not branches:
-        return False
-    entries = manifest.get("branches")
-    if not isinstance(entries, dict):
+    if manifest.parent != start_manifest or not branches:
         return False
     for name in branches:
-        entry = entries.get(name)
-        prov = entry.get("provenance") if isinstance(entry, dict) else None
-        training = prov.get("training") if isinstance(prov, dict) else None
-        if not isinstance(training, dict):
+        entry = manifest.branches.get(name)
+        prov = entry.provenance if entry is not None else None
+        training = prov.get("training") if isinstance(prov, Mapping) else None
+        if not isinstance(training, Mapping):
             return False
         if training.get("plan_sha256") != digest or training.get("start_manifest") != start_manifest:
             return False
@@ -51,7 +49,7 @@ def finished_version(
 ) -> str | None:
     """``head`` if it is the version this run saved (the run was killed before writing its
     result), else None."""
-    manifest = store.get_manifest(head)
+    manifest = store.manifest(head)
     ok = saved_by_run(manifest, start_manifest=start_manifest, digest=digest, branches=branches)
     return str(head) if ok else None
 

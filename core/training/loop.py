@@ -29,6 +29,7 @@ from scaler_wizard.banks.atomic import atomic_write_bytes
 from scaler_wizard.branch import Branch
 from scaler_wizard.caches.base_states import TokenStates, cached_states
 from scaler_wizard.errors import ScalerError
+from scaler_wizard.manifests.facts import mark_stale
 from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
 from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.modeling.model import ScalerModel
@@ -55,7 +56,7 @@ from scaler_wizard.training.plan import (
     plan_run,
     read_plan,
 )
-from scaler_wizard.training.provenance import mark_stale, record_trained_branch, train_run_record
+from scaler_wizard.training.provenance import stale_record, train_run_record, trained_record
 from scaler_wizard.training.records import eval_record, start_record, step_record
 from scaler_wizard.training.result import (
     RESULT_FILE,
@@ -434,34 +435,43 @@ class TrainRun:
             seconds=self.totals["train_seconds"],
             tokens=self.totals["tokens"],
         )
-        for p in self.parts:
-            record_trained_branch(self.branches[p.name], p, self.final[p.name], record)
         fps = probe_logits(model, [p.name for p in self.parts])
-        for p in self.parts:
-            self.branches[p.name].entry["fingerprint"] = fingerprint_of(fps[p.name])
+        trained = {
+            p.name: trained_record(p, self.final[p.name], record, fingerprint_of(fps[p.name]))
+            for p in self.parts
+        }
         new_version = next_version(self.store, plan.model, plan.start_version)  # unique after a rollback
-        entries = model.origin.branch_entries
-        for name in plan.stale:
-            entries[name] = mark_stale(
-                entries[name], since_version=new_version, run=self.run_dir.name, old_trunk=self.old_trunk
+        left = model.origin.manifest.branches
+        stale = {
+            name: mark_stale(
+                left[name],
+                stale_record(
+                    since_version=new_version,
+                    run=self.run_dir.name,
+                    trained_on_trunk=left[name].trunk or self.old_trunk,
+                ),
             )
+            for name in plan.stale
+        }
         names = ", ".join(p.name for p in self.parts)
         message = f"train trunk with {names}: {cfg.steps} steps, seed {cfg.seed} (run {self.run_dir.name})"
         if plan.stale:
             message += f"; stale: {', '.join(plan.stale)}"
-        return self.saved if self.saved is not None else str(save_version(self.store, model, message=message))
+        if self.saved is not None:
+            return self.saved
+        return str(save_version(self.store, model, message=message, records=trained, entries=stale))
 
     def result(self, manifest: str) -> TrainResult:
         """The run's summary, for ``result.json`` and the CLI's table."""
         plan, totals = self.plan, self.totals
         first = first_eval(self.run_dir)
         windows = last_window(self.run_dir, self.cfg.check_window)
-        saved = self.store.get_manifest(manifest)
+        saved = self.store.manifest(manifest)
         return TrainResult(
             run_dir=self.run_dir,
             model=plan.model,
             manifest=str(manifest),
-            version=int(saved["version"]),
+            version=saved.version,
             steps=self.cfg.steps,
             seconds=time.perf_counter() - self.started,
             branches={

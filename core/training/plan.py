@@ -14,6 +14,7 @@ from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.atomic import atomic_write_bytes
 from scaler_wizard.banks.hashing import sha256_file
 from scaler_wizard.errors import DataError, ScalerError
+from scaler_wizard.manifests.model import Manifest
 from scaler_wizard.training.clock import utc_now_iso, utc_stamp
 from scaler_wizard.training.config import BranchSpec, TrainConfig, TrainConfigError
 
@@ -67,9 +68,9 @@ class RunPlan:
         )
 
 
-def stale_branches(manifest: dict[str, Any], trained: Sequence[str]) -> list[str]:
+def stale_branches(manifest: Manifest, trained: Sequence[str]) -> list[str]:
     """Branches of the model that a run training ``trained`` would leave stale."""
-    return sorted(set(manifest["branches"]) - set(trained))
+    return sorted(set(manifest.branches) - set(trained))
 
 
 def plan_run(
@@ -94,7 +95,7 @@ def plan_run(
         raise TrainConfigError(
             "train a model by name (its current version); roll back first to train an older one"
         )
-    manifest = store.get_manifest(h)
+    manifest = store.manifest(h, where=f"manifest {h.short} ({name})")
     stale = stale_branches(manifest, names)
     if stale and not allow_stale_branches:
         raise ScalerError(
@@ -117,12 +118,12 @@ def plan_run(
     return RunPlan(
         model=name,
         start_manifest=str(h),
-        start_version=int(manifest["version"]),
+        start_version=manifest.version,
         branches=[_absolute(b) for b in branches],
         config=config,
         allow_stale_branches=allow_stale_branches,
         stale=stale,
-        new=[n for n in names if n not in manifest["branches"]],
+        new=[n for n in names if n not in manifest.branches],
         data_sha256=hashes,
         created=utc_now_iso(),
     )

@@ -2,18 +2,20 @@
 
 A branch whose label is 1,001 characters long, or whose name Windows reserves, must be
 refused in the first second, not after minutes of training when the new manifest is
-validated. :func:`preflight_branch` builds the manifest the change would make, with
-placeholder bank hashes, and validates it.
+validated. :func:`preflight_branch` builds the version the change would make
+(:func:`~scaler_wizard.versions.builder.with_branch`, which validates it), with placeholder
+bank hashes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from scaler_wizard.manifests import validate_manifest
+from scaler_wizard.manifests.model import BranchEntry, Manifest, parse_manifest
 from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import Registry, get_registry
-from scaler_wizard.training.clock import utc_now_iso
+from scaler_wizard.versions.builder import with_branch
 
 #: Stands for a bank not written yet (well-formed, so only the other fields are judged).
 PLACEHOLDER = "sha256:" + "0" * 64
@@ -48,7 +50,7 @@ def dry_run_entry(
 
 
 def preflight_branch(
-    manifest: dict[str, Any],
+    manifest: Manifest | Mapping[str, Any],
     name: str,
     *,
     strategy: str,
@@ -58,9 +60,12 @@ def preflight_branch(
     labels: list[str],
     registry: Registry | None = None,
 ) -> None:
-    """ManifestError (naming the field) if adding this branch would make an invalid manifest."""
+    """ManifestError (naming the field) if adding this branch would make an invalid manifest
+    (``manifest``: the current version, typed, or its JSON object, validated here)."""
     validate_name(name, what="branch")
-    validate_manifest(manifest, where="current manifest")
+    current = (
+        manifest if isinstance(manifest, Manifest) else parse_manifest(manifest, where="current manifest")
+    )
     entry = dry_run_entry(
         registry or get_registry(),
         strategy=strategy,
@@ -69,12 +74,6 @@ def preflight_branch(
         head_config=head_config,
         labels=labels,
     )
-    version = manifest.get("version")
-    dry = {
-        **manifest,
-        "version": version + 1 if isinstance(version, int) else version,
-        "parent": PLACEHOLDER,
-        "created": utc_now_iso(),
-        "branches": {**(manifest.get("branches") or {}), name: entry},
-    }
-    validate_manifest(dry, where=f"branch {name!r} (checked before training)")
+    with_branch(
+        current, name, BranchEntry.from_dict(entry), where=f"branch {name!r} (checked before training)"
+    )

@@ -1,11 +1,13 @@
-"""The manifest fragment that records how a branch was trained: one builder for ``branch
+"""What a branch entry records about how the branch was trained: one builder for ``branch
 add`` and ``scaler train``, so both write the same fields in the same order.
 
 A trained branch's entry gets ``metrics`` (:func:`branch_metrics`) and ``provenance``
 (:func:`branch_provenance`): the data file (path, sha256, rows), the split, the label
 counts, the library and torch versions, and under ``training`` what the command records
 about its run (:func:`fit_record` for ``branch add``, :func:`train_run_record` for
-``scaler train``).
+``scaler train``). Both hand them to the save as a
+:class:`~scaler_wizard.modeling.saving.TrainedRecord` (:func:`trained_record` for
+``scaler train``); no entry is edited in place.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from typing import Any
 
 import torch
 
-from scaler_wizard.branch import Branch
+from scaler_wizard.modeling.saving import TrainedRecord
 from scaler_wizard.training.batches import BranchData
 from scaler_wizard.training.branch_fit import BranchTrainingConfig, TrainingResult, config_dict
 from scaler_wizard.training.data import LabelledData
-from scaler_wizard.version import __version__
+from scaler_wizard.versions.builder import CURRENT_LIBRARY
 
 STALE_REASON = (
     "the trunk was retrained by `scaler train` without this branch (--allow-stale-branches); "
@@ -53,7 +55,7 @@ def branch_provenance(
         "eval": evald.source,
         "label_counts": full.counts(),
         "training": training,
-        "library": {"distribution": "scaler-wizard", "version": __version__},
+        "library": CURRENT_LIBRARY.to_dict(),
         "torch": torch.__version__,
     }
 
@@ -101,28 +103,36 @@ def train_run_record(
     }
 
 
-def mark_stale(entry: dict[str, Any], *, since_version: int, run: str, old_trunk: str) -> dict[str, Any]:
-    """A copy of a branch entry a ``train`` run left behind, with ``provenance.stale`` saying
-    which version and run did, and the trunk the branch was trained on."""
-    old = dict(entry)
-    prov = dict(old.get("provenance") or {})
-    prov["stale"] = {
+def stale_record(*, since_version: int, run: str, trained_on_trunk: str) -> dict[str, Any]:
+    """``provenance.stale`` of a branch a ``train`` run left behind: which version and run
+    did, and the trunk the branch was trained on (``facts.mark_stale`` puts it in place)."""
+    return {
         "since_version": since_version,
         "run": run,
-        "trained_on_trunk": old.get("trunk", old_trunk),
+        "trained_on_trunk": trained_on_trunk,
         "reason": STALE_REASON,
     }
+
+
+def mark_stale(entry: dict[str, Any], *, since_version: int, run: str, old_trunk: str) -> dict[str, Any]:
+    """A copy of a branch entry (a JSON object) a ``train`` run left behind, with
+    :func:`stale_record` as its ``provenance.stale``."""
+    old = dict(entry)
+    prov = dict(old.get("provenance") or {})
+    prov["stale"] = stale_record(
+        since_version=since_version, run=run, trained_on_trunk=old.get("trunk", old_trunk)
+    )
     old["provenance"] = prov
     return old
 
 
-def record_trained_branch(
-    branch: Branch, part: BranchData, metrics: dict[str, Any], run_record: dict[str, Any]
-) -> None:
-    """Give a branch ``scaler train`` trained its entry's metrics and provenance (the new
-    trunk's id is recorded when the manifest is built)."""
-    entry = dict(branch.entry)
-    entry.pop("trunk", None)  # build_manifest records the new trunk's id
-    entry["metrics"] = branch_metrics(metrics, len(part.eval), loss=metrics["loss"])
-    entry["provenance"] = branch_provenance(part.full, part.train, part.eval, run_record)
-    branch.entry = entry
+def trained_record(
+    part: BranchData, metrics: dict[str, Any], run_record: dict[str, Any], fingerprint: dict[str, Any]
+) -> TrainedRecord:
+    """What the save records for a branch ``scaler train`` trained: its metrics, provenance
+    and fingerprint, on the new trunk (its id is recorded when the manifest is built)."""
+    return TrainedRecord(
+        metrics=branch_metrics(metrics, len(part.eval), loss=metrics["loss"]),
+        provenance=branch_provenance(part.full, part.train, part.eval, run_record),
+        fingerprint=fingerprint,
+    )
