@@ -187,9 +187,10 @@ def test_plugins_import_only_the_public_api(path: Path) -> None:
         if module.split(".")[0] != "scaler_wizard":
             continue
         # a built-in's own implementation module is a sibling in plugins/, itself checked here
-        own = module.startswith("scaler_wizard.plugins.") and (
-            REPO / "plugins" / (module.rsplit(".", 1)[1] + ".py")
-        ).is_file()
+        own = (
+            module.startswith("scaler_wizard.plugins.")
+            and (REPO / "plugins" / (module.rsplit(".", 1)[1] + ".py")).is_file()
+        )
         assert module in PUBLIC_API or own, f"{where}: {module} is not public API"
         private = [n for n in names if n.startswith("_")]
         assert not private, f"{where}: imports private {private} from {module}"
