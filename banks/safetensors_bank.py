@@ -49,11 +49,16 @@ def read_bank_metadata(path: str | Path, *, name: str | None = None) -> dict[str
         with safe_open(str(path), framework="numpy") as fh:
             return dict(fh.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
-        raise IntegrityError(
-            f"bank {name or path} is not a readable safetensors file: {first_line(exc)}",
-            bank=name,
-            path=str(path),
-        ) from exc
+        raise unreadable(path, name, exc) from exc
+
+
+def unreadable(path: str | Path, name: str | None, exc: BaseException) -> IntegrityError:
+    """The one-line error for a bank safetensors cannot read (header, truncation, I/O)."""
+    return IntegrityError(
+        f"bank {name or path} is not a readable safetensors file: {first_line(exc)}",
+        bank=name,
+        path=str(path),
+    )
 
 
 def first_line(exc: BaseException) -> str:

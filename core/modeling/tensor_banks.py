@@ -19,9 +19,8 @@ from scaler_wizard.banks.safetensors_bank import (
     KIND_KEY,
     BankContent,
     canonical_header,
-    first_line,
+    unreadable,
 )
-from scaler_wizard.errors import IntegrityError
 from scaler_wizard.names import BankHash
 
 
@@ -48,8 +47,4 @@ def load_bank_tensors(
                 out[key] = fh.get_tensor(key)
         return out
     except (SafetensorError, OSError, ValueError) as exc:
-        raise IntegrityError(
-            f"bank {name or path} is not a readable safetensors file: {first_line(exc)}",
-            bank=name,
-            path=str(path),
-        ) from exc
+        raise unreadable(path, name, exc) from exc
