@@ -414,8 +414,10 @@ class ContentStore(RefStore):
 
     def put_manifest(self, manifest: Manifest | Any) -> BankHash:
         """Store a manifest's canonical bytes (a typed Manifest, or JSON: validated by readers); its hash."""
-        to_bytes = getattr(manifest, "to_bytes", None)
-        data = to_bytes() if callable(to_bytes) else canonical_json(manifest)
+        if manifest is None or isinstance(manifest, (dict, list, str, int, float)):
+            data = canonical_json(manifest)  # JSON (an int has a to_bytes too, of another kind)
+        else:
+            data = manifest.to_bytes()
         h = BankHash.of_bytes(data)
         path = self.manifest_path(h)
         if not path.is_file() or BankHash.of_bytes(path.read_bytes()) != h:

@@ -14,6 +14,7 @@ A hypothesis fuzz then mutates the manifest at random: only ScalerErrors (or suc
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -552,3 +553,15 @@ def test_fuzzed_manifests_give_one_line_errors_or_compose(store: ContentStore, d
     else:
         assert valid
         event("composed")
+
+
+@pytest.mark.parametrize("root", [-1, 7, 2.5, "x", None, [], True])
+def test_a_manifest_that_is_not_an_object_is_stored_as_json_and_refused_on_compose(
+    store: ContentStore, root: Any
+) -> None:
+    """Found by the fuzz test: ``(-1).to_bytes()`` was taken for a typed manifest's byte form."""
+    h = store.put_manifest(root)
+    assert store.manifest_path(h).read_bytes() == (json.dumps(root) + "\n").encode()
+    with pytest.raises(ManifestError) as info:
+        compose(store, str(h))
+    assert_one_line(info.value)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 
+from scaler_wizard.versions.builder import rfc3339
+
 
 def utc_now_iso() -> str:
-    """Now, in UTC, to the second: ``2026-01-31T12:00:00Z`` (manifests, run plans)."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """Now, in UTC, to the second: ``2026-01-31T12:00:00Z`` (the manifests' format, ``rfc3339``)."""
+    return rfc3339()
 
 
 def utc_stamp() -> str:
