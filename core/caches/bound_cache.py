@@ -31,9 +31,10 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -213,6 +214,24 @@ def _mismatch(
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"{name} is not finite"
     return tensors
+
+
+_Part = TypeVar("_Part")
+
+
+def over_shards(
+    texts: Sequence[str], shard_rows: int, one_shard: Callable[[Sequence[str]], tuple[_Part, bool]]
+) -> tuple[list[_Part], bool]:
+    """Cache ``texts`` shard by shard (``shard_rows`` each; an empty list is one empty shard),
+    each shard its own bound file, so a killed run keeps the shards it finished: the parts,
+    and whether every one came from its cache."""
+    parts: list[_Part] = []
+    all_cached = True
+    for start in range(0, max(1, len(texts)), shard_rows):
+        part, hit = one_shard(texts[start : start + shard_rows])
+        parts.append(part)
+        all_cached = all_cached and hit
+    return parts, all_cached
 
 
 def require_finite(tensor: Tensor, what: str) -> None:

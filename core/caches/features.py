@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
-from scaler_wizard.caches.bound_cache import CacheSpec, cached, require_finite
+from scaler_wizard.caches.bound_cache import CacheSpec, cached, over_shards, require_finite
 from scaler_wizard.caches.feature_shards import Rows, ShardedRows
 from scaler_wizard.caches.token_features import TokenRows, cached_tokens
 from scaler_wizard.errors import ScalerError
@@ -69,14 +69,13 @@ def cached_pooled(
     trusted. Non-finite fresh features are refused."""
     if len(texts) <= SHARD_ROWS:
         return _cached_shard(store, model, trunk, texts, batch_size=batch_size, progress=progress)
-    parts, all_cached = [], True
-    for start in range(0, len(texts), SHARD_ROWS):
-        shard = texts[start : start + SHARD_ROWS]
-        feats, hit = _cached_shard(
+    parts, all_cached = over_shards(
+        texts,
+        SHARD_ROWS,
+        lambda shard: _cached_shard(
             store, model, trunk, shard, batch_size=batch_size, progress=progress, reopen=True
-        )
-        parts.append(feats)
-        all_cached = all_cached and hit
+        ),
+    )
     return ShardedRows(parts), all_cached
 
 

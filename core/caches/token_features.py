@@ -25,7 +25,7 @@ from torch import Tensor
 
 from scaler_wizard.banks import BankHash, ContentStore
 from scaler_wizard.branch import TrunkOutput
-from scaler_wizard.caches.bound_cache import CacheSpec, Ragged, cached, require_finite
+from scaler_wizard.caches.bound_cache import CacheSpec, Ragged, cached, over_shards, require_finite
 from scaler_wizard.modeling.model import ScalerModel
 
 Progress = Callable[[int], None]
@@ -174,13 +174,11 @@ def cached_tokens(
 ) -> tuple[TokenRows, bool]:
     """(token rows, all came from cache): shard by shard, each shard its own bound cache file
     (a killed run keeps the shards it finished). Non-finite fresh states are refused."""
-    shards, all_cached = [], True
-    for start in range(0, max(1, len(texts)), SHARD_ROWS):
-        shard, cached = _cached_shard(
-            store, model, trunk, texts[start : start + SHARD_ROWS], batch_size=batch_size, progress=progress
-        )
-        shards.append(shard)
-        all_cached = all_cached and cached
+    shards, all_cached = over_shards(
+        texts,
+        SHARD_ROWS,
+        lambda shard: _cached_shard(store, model, trunk, shard, batch_size=batch_size, progress=progress),
+    )
     return TokenRows(shards), all_cached
 
 
