@@ -14,9 +14,11 @@ from scaler_wizard.cli import (
     diff_command,
     eval_command,
     hub_commands,
+    inspect_command,
     model_commands,
     plugin_commands,
     predict_command,
+    serve_command,
     train_command,
 )
 from scaler_wizard.cli.state import STATE, err
@@ -79,6 +81,8 @@ eval_command.register(app)
 plugin_commands.register(app)
 hub_commands.register(app)
 train_command.register(app)
+serve_command.register(app)
+inspect_command.register(app)
 app.add_typer(branch_commands.branch_app, name="branch")
 
 _plugins_added = False

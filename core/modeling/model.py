@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 import torch
@@ -13,6 +13,7 @@ from scaler_wizard.branch import Branch, Prediction, TrunkOutput
 from scaler_wizard.errors import BranchNotFoundError, did_you_mean
 from scaler_wizard.manifests.model import Manifest
 from scaler_wizard.modeling.base_encoder import BaseEncoder
+from scaler_wizard.modeling.row_routing import RowBranches, RowRoutes, predict_routed, run_rows
 from scaler_wizard.moe import MoELayer
 
 
@@ -64,6 +65,15 @@ class Origin:
 class ModelOutput:
     logits: dict[str, Tensor]  # branch -> (B, num_labels)
     trunk: TrunkOutput
+
+
+@dataclass
+class RowsOutput(ModelOutput):
+    """``forward(..., row_branches=...)``: ``logits[b]`` holds branch ``b``'s logits for its
+    rows only, ``(len(rows[b]), num_labels)``, in the order of ``rows[b]`` (row indices into
+    the batch, int64)."""
+
+    rows: dict[str, Tensor] = field(default_factory=dict)
 
 
 BranchLoader = Callable[[str], Branch]
@@ -191,10 +201,20 @@ class ScalerModel(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         branches: str | Sequence[str] | None = None,
+        *,
+        row_branches: RowBranches | None = None,
         **extra: Tensor,
     ) -> ModelOutput:
         """One trunk pass, then the logits of each requested branch (one name, a list, or all
-        when None)."""
+        when None).
+
+        ``row_branches`` (instead of ``branches``): one branch name (or a list) per row; the
+        shared trunk still runs once, each branch's tail only on its rows. Returns a
+        ``RowsOutput``."""
+        if row_branches is not None:
+            if branches is not None:
+                raise ValueError("give branches or row_branches, not both")
+            return self._forward_rows(input_ids, attention_mask, row_branches, extra)
         names = _branch_list(branches)
         names = self.branch_names if names is None else names
         modules = [self.branch(n) for n in names]  # fail on a bad name before computing
@@ -203,6 +223,27 @@ class ScalerModel(nn.Module):
         if shared is None:  # every requested branch had its own pass: report the plain trunk
             shared = self.encode_batch(batch)
         return ModelOutput(logits=logits, trunk=shared)
+
+    def _forward_rows(
+        self, input_ids: Tensor, attention_mask: Tensor, row_branches: RowBranches, extra: dict[str, Tensor]
+    ) -> RowsOutput:
+        routes = RowRoutes.of(row_branches, int(input_ids.shape[0]))
+        modules = {n: self.branch(n) for n in routes.rows}  # fail on a bad name before computing
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+        logits, rows, shared = run_rows(self, routes, modules, batch)
+        if shared is None:  # every branch had its own pass: report the plain trunk
+            shared = self.encode_batch(batch)
+        return RowsOutput(logits=logits, trunk=shared, rows=rows)
+
+    def predict_rows(
+        self, texts: Sequence[str], branches_per_row: Sequence[str], *, batch_size: int = 32
+    ) -> list[Prediction]:
+        """One Prediction per text, from the branch its row names (one trunk pass per batch
+        whatever the mix of branches)."""
+        if isinstance(branches_per_row, str) or not all(isinstance(b, str) for b in branches_per_row):
+            raise TypeError("predict_rows() takes one branch name (a string) per text")
+        routed = predict_routed(self, texts, branches_per_row, batch_size)
+        return [preds[b] for preds, b in zip(routed, branches_per_row, strict=True)]
 
     @overload
     def predict(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]

@@ -1,0 +1,1 @@
+"""What a base model is: architecture detection from config and module structure (issue 13)."""

@@ -1,0 +1,1 @@
+"""`scaler serve`: one process, many branches, dynamic batching over HTTP (issue 15)."""

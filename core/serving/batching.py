@@ -1,0 +1,127 @@
+"""The dynamic batcher: one worker thread owns the model and merges queued requests into one
+per-row pass (up to ``max_batch`` texts, waiting at most ``max_wait_ms`` for more)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from scaler_wizard.branch import Prediction
+from scaler_wizard.errors import ScalerError
+from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.modeling.row_routing import predict_routed
+from scaler_wizard.serving.metrics import Metrics
+
+
+class QueueFullError(ScalerError):
+    """The request queue is full (HTTP 429)."""
+
+
+class BatcherClosedError(ScalerError):
+    """The batcher takes no more jobs (its version was swapped out, or the server stops)."""
+
+
+@dataclass
+class Job:
+    texts: list[str]
+    rows: list[list[str]]  # the branches of each text
+    future: Future[list[dict[str, Prediction]]] = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: ScalerModel,
+        *,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.model = model
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max(1, max_queue))
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._submit_lock = threading.Lock()
+        self._carry: Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="scaler-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(
+        self, texts: Sequence[str], rows: Sequence[Sequence[str]]
+    ) -> Future[list[dict[str, Prediction]]]:
+        job = Job(list(texts), [list(r) for r in rows])
+        with self._submit_lock:
+            if self._stop.is_set():
+                raise BatcherClosedError("this version no longer takes requests")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFullError("the server is busy: request queue full, retry later") from None
+        return job.future
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish every queued job, then stop the worker."""
+        with self._submit_lock:
+            self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _take(self) -> list[Job]:
+        first = self._carry
+        self._carry = None
+        if first is None:
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                return []
+        jobs, n = [first], len(first.texts)
+        deadline = time.monotonic() + self.max_wait
+        while n < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if n + len(job.texts) > self.max_batch:
+                self._carry = job  # first of the next batch
+                break
+            jobs.append(job)
+            n += len(job.texts)
+        return jobs
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if not jobs:
+                if self._stop.is_set() and self._carry is None and self._queue.empty():
+                    return
+                continue
+            self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        texts = [t for j in jobs for t in j.texts]
+        rows = [r for j in jobs for r in j.rows]
+        if self.metrics is not None:
+            self.metrics.batch(len(texts))
+        try:
+            preds = predict_routed(self.model, texts, rows, batch_size=max(len(texts), 1))
+        except Exception as exc:
+            for j in jobs:
+                j.future.set_exception(exc)
+            return
+        start = 0
+        for j in jobs:
+            j.future.set_result(preds[start : start + len(j.texts)])
+            start += len(j.texts)
