@@ -13,6 +13,7 @@ from scaler_wizard.cli import (
     branch_commands,
     diff_command,
     eval_command,
+    export_command,
     hub_commands,
     inspect_command,
     model_commands,
@@ -83,6 +84,7 @@ hub_commands.register(app)
 train_command.register(app)
 serve_command.register(app)
 inspect_command.register(app)
+export_command.register(app)
 app.add_typer(branch_commands.branch_app, name="branch")
 
 _plugins_added = False

@@ -169,6 +169,35 @@ class HubError(ScalerError):
         self.revision = revision
 
 
+class RowBranchesError(ScalerError, ValueError):
+    """``row_branches`` does not fit the batch (wrong length, a row with no branch)."""
+
+
+class QueueFullError(ScalerError):
+    """The serving request queue is full (HTTP 429)."""
+
+
+class BatcherClosedError(ScalerError):
+    """The batcher takes no more jobs (its version was swapped out, or the server stops)."""
+
+
+class RequestError(ScalerError):
+    """An HTTP request the server answers with a 4xx/5xx and a one-line message.
+
+    ``status``: the HTTP status; ``headers``: extra response headers (``Retry-After``...).
+    """
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class ExportError(ScalerError):
+    """An export that cannot be made (a branch that cannot be stock PEFT, a DEST in the way)."""
+
+
 def did_you_mean(name: str, existing: list[str] | tuple[str, ...] | set[str]) -> str:
     """A short suffix listing what exists, for not-found messages."""
     names = sorted(existing)
@@ -178,6 +207,11 @@ def did_you_mean(name: str, existing: list[str] | tuple[str, ...] | set[str]) ->
 
 
 __all__ = [
+    "BatcherClosedError",
+    "ExportError",
+    "QueueFullError",
+    "RequestError",
+    "RowBranchesError",
     "BankNotFoundError",
     "BranchNotFoundError",
     "CheckpointError",

@@ -16,16 +16,12 @@ import torch
 from torch import Tensor
 
 from scaler_wizard.branch import Branch, Prediction, TrunkOutput
-from scaler_wizard.errors import ScalerError
+from scaler_wizard.errors import RowBranchesError
 
 if TYPE_CHECKING:
     from scaler_wizard.modeling.model import ScalerModel
 
 RowBranches = Sequence[str | Sequence[str]]
-
-
-class RowBranchesError(ScalerError, ValueError):
-    """``row_branches`` does not fit the batch (wrong length, a row with no branch)."""
 
 
 @dataclass

@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaler_wizard.branch import Prediction
-from scaler_wizard.errors import did_you_mean
+from scaler_wizard.errors import BatcherClosedError, QueueFullError, RequestError, did_you_mean
 from scaler_wizard.modeling.model import ScalerModel
-from scaler_wizard.serving.batching import Batcher, BatcherClosedError, QueueFullError
+from scaler_wizard.serving.batching import Batcher
 from scaler_wizard.serving.metrics import Metrics
 
 _ENDPOINTS = frozenset({"/v1/predict", "/v1/branches", "/healthz", "/metrics", "/docs", "/openapi.json"})
@@ -32,16 +32,6 @@ class Limits:
     max_texts_per_request: int = 256
     max_text_chars: int = 10_000
     request_timeout_s: float = 60.0
-
-
-class RequestError(Exception):
-    """A 4xx/5xx answer with a one-line message."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -11,18 +11,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from scaler_wizard.branch import Prediction
-from scaler_wizard.errors import ScalerError
+from scaler_wizard.errors import BatcherClosedError, QueueFullError
 from scaler_wizard.modeling.model import ScalerModel
 from scaler_wizard.modeling.row_routing import predict_routed
 from scaler_wizard.serving.metrics import Metrics
-
-
-class QueueFullError(ScalerError):
-    """The request queue is full (HTTP 429)."""
-
-
-class BatcherClosedError(ScalerError):
-    """The batcher takes no more jobs (its version was swapped out, or the server stops)."""
 
 
 @dataclass
