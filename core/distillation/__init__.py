@@ -1,0 +1,1 @@
+"""Multi-teacher distillation: teacher feature banks, per-teacher adapters and a router (issue 14)."""
