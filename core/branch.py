@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,11 @@ class TrunkOutput:
     mask: Tensor  # (B, T) bool, True for real tokens
     aux_loss: Tensor  # () sum of the MoE layers' balance losses
     stats: list[Any] = field(default_factory=list)  # one MoEStats per layer
+    #: (issue 12) the base encoder's token states of the layers directly below its last, each
+    #: (B, T, d), bottom to top: as many as the branches of the pass asked for
+    #: (``BranchAdapter.base_layers``, the most of them), possibly more than one adapter reads:
+    #: an adapter reading ``n`` takes the last ``n``. Empty unless a branch asks.
+    base_layers: tuple[Tensor, ...] = ()
 
 
 class BranchAdapter(nn.Module):
@@ -40,6 +45,10 @@ class BranchAdapter(nn.Module):
     """
 
     out_features: int
+    #: how many of the base's layers below its last this adapter reads (``TrunkOutput.base_layers``,
+    #: the last ``base_layers`` of them); the model computes them in the shared pass, and
+    #: ``branch add`` caches them with the token states (``features = "tokens"``).
+    base_layers: int = 0
     needs_base_pass: bool = False
     bank_format: str = "safetensors"  # or "folder"
     bank_layout: str = ""  # for folder banks: what the folder is, e.g. "peft"
@@ -122,3 +131,9 @@ class Branch(nn.Module):
     def decode(self, logits: Tensor) -> list[Prediction]:
         """This branch's logits (B, L) -> one Prediction per row."""
         return self.head.decode(self.head.probabilities(logits), self.labels)
+
+
+def shared_base_layers(modules: Iterable[Branch]) -> int:
+    """How many base layers below the last the shared pass must carry for ``modules``: the
+    most any of them reads (each takes its own last ``n``, so the others do not change it)."""
+    return max((int(m.adapter.base_layers) for m in modules), default=0)

@@ -64,12 +64,59 @@ class AttentionMLP(BranchAdapter):
             nn.init.zeros_(zero.bias)
 
     def forward(self, trunk: TrunkOutput) -> Tensor:
-        x, mask = trunk.hidden, trunk.mask  # (B, T, d), (B, T)
+        return self.tail(trunk.hidden, trunk.mask, trunk.pooled)
+
+    def tail(self, x: Tensor, mask: Tensor, pooled: Tensor) -> Tensor:
+        """Token states ``x`` (B, T, d), ``mask`` (B, T) and the vector they add to (B, d)."""
         b, t, d = x.shape
         h = self.dropout(self.token_norm(x))
         scores = self.score(h).masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min)  # (B, T, H)
         weights = torch.softmax(scores, dim=1)  # over tokens
         per_head = h.reshape(b, t, self.heads, d // self.heads)  # (B, T, H, d/H)
         attended = torch.einsum("bth,bthk->bhk", weights, per_head).reshape(b, d)
-        z = trunk.pooled + self.proj(attended)
+        z = pooled + self.proj(attended)
         return z + self.mlp_out(self.dropout(self.act(self.mlp_in(self.mlp_norm(z)))))
+
+
+@dataclass
+class AttnMixConfig(AttnMLPConfig):
+    """A learned mix of the encoder's last layers, then attention pooling and a residual MLP."""
+
+    layers: int = field(
+        default=3,
+        metadata={
+            "help": "how many of the encoder's last layers to mix (the top one is the trunk's "
+            "output, the others the base's layers below it); 1 = the trunk's output alone",
+            "minimum": 1,
+            "maximum": 64,
+        },
+    )
+
+
+class AttentionMix(AttentionMLP):
+    """``attn-mix``: :class:`AttentionMLP` over a softmax mix of the top ``layers`` layers.
+
+    The mix starts uniform and is learned with the rest; its pooled vector is the masked mean
+    of the mixed states. The base layers come from the shared pass (``TrunkOutput.base_layers``)
+    and, while ``branch add`` trains, from the token cache, which then holds them too.
+    """
+
+    def __init__(self, config: AttnMixConfig, *, hidden_size: int) -> None:
+        super().__init__(config, hidden_size=hidden_size)
+        self.base_layers = config.layers - 1
+        self.mix = nn.Parameter(torch.zeros(config.layers))
+
+    def forward(self, trunk: TrunkOutput) -> Tensor:
+        n = self.base_layers
+        if len(trunk.base_layers) < n:
+            raise ValueError(
+                f"attn-mix reads {n} base layers below the last, the trunk output carries "
+                f"{len(trunk.base_layers)}"
+            )
+        lower = trunk.base_layers[len(trunk.base_layers) - n :]
+        stacked = torch.stack([*lower, trunk.hidden], dim=0)  # (L, B, T, d)
+        weights = torch.softmax(self.mix, dim=0).to(stacked.dtype)
+        x = torch.einsum("l,lbtd->btd", weights, stacked)
+        m = trunk.mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.tail(x, trunk.mask, pooled)

@@ -115,3 +115,55 @@ def run_scaler(
         timeout=timeout,
         check=False,
     )
+
+
+# -- the machine the pinned numbers were made on --------------------------------------------
+LEGACY = Path(__file__).parent / "fixtures" / "legacy_store"
+
+
+def restore_legacy_store(root: Path) -> Path:
+    """``tests/fixtures/legacy_store``'s store under ``root``, its base bank put back by
+    ``scaler init`` (the same bytes, so the same object)."""
+    shutil.copytree(LEGACY / "store", root)
+    for path in root.rglob("*"):  # git checkouts drop the read-only bits
+        if path.is_file():
+            path.chmod(0o444 if "objects" in path.parts else 0o644)
+    env = dict(os.environ, SCALER_HOME=str(root), HF_HUB_OFFLINE="1")
+    proc = run_scaler(
+        "init", "restore-base", "--experts", "2", "--moe-layers", "1", "--expert-hidden", "8", env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@torch.inference_mode()
+def legacy_forward(root: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """(the legacy model's output on the fixture's texts, one thread, the fixture's expected tensors)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from scaler_wizard.modeling.compose import compose
+
+    model = compose(ContentStore.open(root), "legacy")
+    texts = json.loads((LEGACY / "texts.json").read_text())
+    batch = model.base.tokenize(texts, model.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fixture was computed with OMP_NUM_THREADS=1: same reduction order
+    try:
+        out = model(batch["input_ids"], batch["attention_mask"])
+    finally:
+        torch.set_num_threads(threads)
+    return out, load_file(LEGACY / "expected.safetensors")
+
+
+@pytest.fixture(scope="session")
+def reference_kernels(tmp_path_factory: pytest.TempPathFactory) -> bool:
+    """Whether this CPU computes float32 exactly as the machine the pinned numbers came from.
+
+    torch picks its float kernels by instruction set (AMX / AVX-512 FP16 machines round some
+    sums differently even for the same code and one thread), so bit-exact pins hold only on a
+    CPU like the one they were made on. The canary: the legacy fixture's trunk output,
+    recomputed here, is the same bits as recorded there."""
+    out, expected = legacy_forward(restore_legacy_store(tmp_path_factory.mktemp("canary") / "store"))
+    return bool(torch.equal(out.trunk.pooled, expected["trunk.pooled"]))  # type: ignore[attr-defined]

@@ -220,6 +220,7 @@ def test_plugins_still_lists_the_built_ins_from_their_cheap_modules(tmp_path: Pa
         ("strategy", "lora"): "scaler_wizard.plugins.lora",
         ("strategy", "peft-lora"): "scaler_wizard.plugins.peft_lora",
         ("strategy", "attn-mlp"): "scaler_wizard.plugins.token_tail",
+        ("strategy", "attn-mix"): "scaler_wizard.plugins.token_tail",
         ("store", "file"): "scaler_wizard.plugins.stores",
         ("store", "hf"): "scaler_wizard.plugins.stores",
     }

@@ -132,8 +132,12 @@ def cached_features(
     *,
     kind: str = "pooled",
     progress: Progress | None = None,
+    base_layers: int = 0,
 ) -> tuple[Rows | TokenRows, bool]:
-    """(cached trunk outputs of ``texts``, came from cache): pooled rows or token states."""
+    """(cached trunk outputs of ``texts``, came from cache): pooled rows or token states
+    (with ``base_layers`` of the base's layers below the last, for strategies reading them)."""
     if kind == "tokens":
-        return cached_tokens(store, model, trunk, texts, progress=progress)
+        return cached_tokens(store, model, trunk, texts, progress=progress, base_layers=base_layers)
+    if base_layers:
+        raise ScalerError(f"a strategy that reads base layers trains on token states, not {kind!r} features")
     return cached_pooled(store, model, trunk, texts, progress=progress)

@@ -35,22 +35,26 @@ KIND = "tokens"
 SHARD_ROWS = 4096
 
 
-def token_key(trunk: str, texts: Sequence[str], max_length: int) -> str:
-    payload = json.dumps(
-        {
-            "kind": "token-cache",
-            "trunk": trunk,
-            "max_length": max_length,
-            "dtype": "float16",
-            "texts": list(texts),
-        },
-        ensure_ascii=False,
-    )
+def token_key(trunk: str, texts: Sequence[str], max_length: int, base_layers: int = 0) -> str:
+    inputs: dict[str, object] = {
+        "kind": "token-cache",
+        "trunk": trunk,
+        "max_length": max_length,
+        "dtype": "float16",
+        "texts": list(texts),
+    }
+    if base_layers:  # 0: the key (and file) of the caches written before layers were cached
+        inputs["base_layers"] = base_layers
+    payload = json.dumps(inputs, ensure_ascii=False)
     return BankHash.of_bytes(payload.encode()).hex
 
 
 class TokenShard:
-    """One cache file's tensors: flat float16 ``states``, int64 ``offsets``, float32 ``pooled``."""
+    """One cache file's tensors: flat float16 ``states``, int64 ``offsets``, float32 ``pooled``.
+
+    ``states`` is ``(total_tokens, d)``: the trunk's token states; or, when the strategy reads
+    ``n`` base layers below the last, ``(total_tokens, n + 1, d)``: those layers bottom to top,
+    then the trunk's token states."""
 
     def __init__(self, states: Tensor, offsets: Tensor, pooled: Tensor) -> None:
         self.states, self.offsets, self.pooled = states, offsets, pooled
@@ -66,12 +70,15 @@ class TokenShard:
 def pad_and_mask(
     rows: Sequence[Tensor], hidden_size: int | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
-    """Examples of different lengths (each ``(T_i, d)``) -> ``(B, T, d)`` states in ``dtype``,
-    zero-padded after each example, and the ``(B, T)`` bool mask of the real tokens. ``T`` is
-    the longest example (at least 1); ``hidden_size`` is ``d`` (needed only for no rows)."""
-    d = int(rows[0].shape[-1]) if hidden_size is None else hidden_size
+    """Examples of different lengths (each ``(T_i, d)``, or ``(T_i, ..., d)``) -> ``(B, T, d)``
+    (``(B, T, ..., d)``) states in ``dtype``, zero-padded after each example, and the ``(B, T)``
+    bool mask of the real tokens. ``T`` is the longest example (at least 1); ``hidden_size``
+    is ``d`` (needed only for no rows)."""
+    inner = tuple(int(n) for n in rows[0].shape[1:]) if rows else (int(hidden_size or 0),)
+    if hidden_size is not None and inner[-1] != hidden_size:
+        raise ValueError(f"rows have width {inner[-1]}, not {hidden_size}")
     width = max([int(r.shape[0]) for r in rows] + [1])
-    states = torch.zeros(len(rows), width, d, dtype=dtype)
+    states = torch.zeros(len(rows), width, *inner, dtype=dtype)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for j, r in enumerate(rows):
         states[j, : r.shape[0]] = r
@@ -120,20 +127,31 @@ class TokenRows:
             shard, i = self._locate(r)
             a, b = int(shard.offsets[i]), int(shard.offsets[i + 1])
             spans.append((shard, i, a, b))
-        d = int(self.shards[0].states.shape[1])
+        d = int(self.shards[0].states.shape[-1])
         hidden, mask = pad_and_mask([shard.states[a:b] for shard, _, a, b in spans], d)
         pooled = torch.empty(len(rows), d, dtype=torch.float32)
         for j, (shard, i, _, _) in enumerate(spans):
             pooled[j] = shard.pooled[i]
         empty = pooled.new_zeros(())
-        return TrunkOutput(pooled=pooled, hidden=hidden, mask=mask, aux_loss=empty)
+        if hidden.dim() == 3:
+            return TrunkOutput(pooled=pooled, hidden=hidden, mask=mask, aux_loss=empty)
+        layers = hidden.unbind(2)  # (B, T, n + 1, d): the base layers, then the trunk's states
+        return TrunkOutput(
+            pooled=pooled, hidden=layers[-1], mask=mask, aux_loss=empty, base_layers=tuple(layers[:-1])
+        )
 
 
 @torch.inference_mode()
 def compute_tokens(
-    model: ScalerModel, texts: Sequence[str], *, batch_size: int = 64, progress: Progress | None = None
+    model: ScalerModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    base_layers: int = 0,
 ) -> TokenShard:
-    """Token states (float16, flat) and pooled outputs of ``texts``, batched by length."""
+    """Token states (float16, flat) and pooled outputs of ``texts``, batched by length; with
+    ``base_layers``, those base layers' states below the trunk's (see :class:`TokenShard`)."""
     was_training = model.training
     model.eval()
     d = model.trunk_hidden_size()
@@ -144,8 +162,11 @@ def compute_tokens(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = model.base.tokenize([texts[i] for i in idx], model.device)
-            out = model.encode(**batch)
-            hidden = out.hidden.float().cpu()
+            out = model.encode_batch(batch, base_layers=base_layers)
+            hidden = out.hidden
+            if base_layers:
+                hidden = torch.stack([*out.base_layers, hidden], dim=2)  # (B, T, n + 1, d)
+            hidden = hidden.float().cpu()
             require_finite(hidden, "trunk token states")
             mask = out.mask.cpu()
             for j, i in enumerate(idx):
@@ -157,8 +178,11 @@ def compute_tokens(
         model.train(was_training)
     lengths = torch.tensor([0] + [int(t.shape[0]) for t in per_row if t is not None], dtype=torch.int64)
     offsets = torch.cumsum(lengths, 0)
+    inner = (base_layers + 1, d) if base_layers else (d,)
     states = (
-        torch.cat([t for t in per_row if t is not None]) if texts else torch.empty(0, d, dtype=torch.float16)
+        torch.cat([t for t in per_row if t is not None])
+        if texts
+        else torch.empty(0, *inner, dtype=torch.float16)
     )
     return TokenShard(states.contiguous(), offsets, pooled)
 
@@ -171,13 +195,18 @@ def cached_tokens(
     *,
     batch_size: int = 64,
     progress: Progress | None = None,
+    base_layers: int = 0,
 ) -> tuple[TokenRows, bool]:
     """(token rows, all came from cache): shard by shard, each shard its own bound cache file
-    (a killed run keeps the shards it finished). Non-finite fresh states are refused."""
+    (a killed run keeps the shards it finished). Non-finite fresh states are refused.
+    ``base_layers``: also that many base layers below the last (``TrunkOutput.base_layers``)."""
+    rows = SHARD_ROWS // (base_layers + 1)  # the same memory bound per shard
     shards, all_cached = over_shards(
         texts,
-        SHARD_ROWS,
-        lambda shard: _cached_shard(store, model, trunk, shard, batch_size=batch_size, progress=progress),
+        max(rows, 1),
+        lambda shard: _cached_shard(
+            store, model, trunk, shard, batch_size=batch_size, progress=progress, base_layers=base_layers
+        ),
     )
     return TokenRows(shards), all_cached
 
@@ -190,15 +219,24 @@ def _cached_shard(
     *,
     batch_size: int,
     progress: Progress | None,
+    base_layers: int = 0,
 ) -> tuple[TokenShard, bool]:
     max_length = model.base.max_length
     d = model.trunk_hidden_size()
+    bound: dict[str, object] = {
+        "trunk": trunk,
+        "rows": len(texts),
+        "dtype": "float16",
+        "max_length": max_length,
+    }
+    if base_layers:
+        bound["base_layers"] = base_layers
     spec = CacheSpec(
         kind=KIND,
-        key=token_key(trunk, texts, max_length),
-        bound={"trunk": trunk, "rows": len(texts), "dtype": "float16", "max_length": max_length},
+        key=token_key(trunk, texts, max_length, base_layers),
+        bound=bound,
         expect={
-            "states": (torch.float16, (None, d)),
+            "states": (torch.float16, (None, base_layers + 1, d) if base_layers else (None, d)),
             "offsets": (torch.int64, (len(texts) + 1,)),
             "pooled": (torch.float32, (len(texts), d)),
         },
@@ -207,7 +245,9 @@ def _cached_shard(
     )
 
     def compute() -> dict[str, Tensor]:
-        shard = compute_tokens(model, texts, batch_size=batch_size, progress=progress)
+        shard = compute_tokens(
+            model, texts, batch_size=batch_size, progress=progress, base_layers=base_layers
+        )
         require_finite(shard.pooled, "trunk features")
         return shard.tensors()
 

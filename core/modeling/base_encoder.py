@@ -214,10 +214,39 @@ class BaseEncoder(nn.Module):
         unless ``grad`` (training an in-encoder adapter); the base's own weights never
         require grad either way.
         """
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._adapter_context(adapter):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        hidden: Tensor = out.last_hidden_state
+        hidden, _ = self.forward_layers(input_ids, attention_mask, 0, adapter=adapter, grad=grad, **extra)
         return hidden
+
+    def forward_layers(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        lower: int,
+        *,
+        adapter: str | None = None,
+        grad: bool = False,
+        **extra: Tensor,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """(last hidden states, the ``lower`` layers' states directly below it, bottom to top).
+
+        ``lower`` = 0 runs exactly :meth:`forward`'s pass; asking for layers only keeps the
+        states the encoder computes anyway, so the last layer's values are the same bits.
+        """
+        if lower < 0:
+            raise ValueError(f"lower must be >= 0, not {lower}")
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._adapter_context(adapter):
+            kwargs: dict[str, Any] = {**extra, "output_hidden_states": True} if lower else dict(extra)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden: Tensor = out.last_hidden_state
+        if not lower:
+            return hidden, ()
+        states = tuple(out.hidden_states)
+        if lower > len(states) - 1:
+            raise ScalerError(
+                f"a branch reads {lower} base layers below the last, but the base has only "
+                f"{len(states) - 1} (its embeddings included)"
+            )
+        return hidden, states[-(lower + 1) : -1]
 
     # -- in-encoder adapters: the host side of scaler_wizard.encoder_host --------------------
     def adapter_switch(self, key: str) -> AdapterSwitch | None:

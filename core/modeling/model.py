@@ -9,7 +9,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor, nn
 
-from scaler_wizard.branch import Branch, Prediction, TrunkOutput
+from scaler_wizard.branch import Branch, Prediction, TrunkOutput, shared_base_layers
 from scaler_wizard.errors import BranchNotFoundError, did_you_mean
 from scaler_wizard.manifests.model import Manifest
 from scaler_wizard.modeling.base_encoder import BaseEncoder
@@ -171,14 +171,26 @@ class ScalerModel(nn.Module):
         return self.encode_batch({"input_ids": input_ids, "attention_mask": attention_mask, **extra})
 
     def encode_batch(
-        self, batch: Mapping[str, Tensor], *, adapter: str | None = None, grad: bool = False
+        self,
+        batch: Mapping[str, Tensor],
+        *,
+        adapter: str | None = None,
+        grad: bool = False,
+        base_layers: int = 0,
     ) -> TrunkOutput:
         """Base then trunk. ``adapter``: run with that branch's in-encoder adapter active (its
-        own pass); None: the shared pass. ``grad``: keep autograd on (training such an adapter)."""
+        own pass); None: the shared pass. ``grad``: keep autograd on (training such an adapter).
+        ``base_layers``: also carry that many of the base's layers below its last
+        (``TrunkOutput.base_layers``), for the adapters that read them."""
         extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
         mask = batch["attention_mask"]
-        hidden = self.base(batch["input_ids"], mask, adapter=adapter, grad=grad, **extra)  # (B, T, d)
-        return self.trunk(hidden, mask.bool())
+        hidden, lower = self.base.forward_layers(
+            batch["input_ids"], mask, base_layers, adapter=adapter, grad=grad, **extra
+        )  # (B, T, d), base_layers x (B, T, d)
+        out = self.trunk(hidden, mask.bool())
+        if lower:
+            out.base_layers = lower
+        return out
 
     def _run(
         self, names: list[str], modules: list[Branch], batch: dict[str, Tensor]
@@ -186,11 +198,12 @@ class ScalerModel(nn.Module):
         """Logits for each branch: one shared trunk pass for all branches that can share it,
         plus one pass per branch whose adapter lives inside the base encoder."""
         own = [n for n, m in zip(names, modules, strict=True) if m.adapter.needs_base_pass]
-        shared = self.encode_batch(batch) if len(own) < len(names) else None
+        lower = shared_base_layers(m for m in modules if not m.adapter.needs_base_pass)
+        shared = self.encode_batch(batch, base_layers=lower) if len(own) < len(names) else None
         logits: dict[str, Tensor] = {}
         for n, m in zip(names, modules, strict=True):
             if n in own:
-                logits[n] = m(self.encode_batch(batch, adapter=n))
+                logits[n] = m(self.encode_batch(batch, adapter=n, base_layers=m.adapter.base_layers))
             else:
                 assert shared is not None
                 logits[n] = m(shared)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from scaler_wizard.branch import Branch, Prediction, TrunkOutput
+from scaler_wizard.branch import Branch, Prediction, TrunkOutput, shared_base_layers
 from scaler_wizard.errors import RowBranchesError
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def select_rows(trunk: TrunkOutput, rows: Tensor) -> TrunkOutput:
         mask=trunk.mask.index_select(0, rows),
         aux_loss=trunk.aux_loss,
         stats=trunk.stats,
+        base_layers=tuple(layer.index_select(0, rows) for layer in trunk.base_layers),
     )
 
 
@@ -67,7 +68,8 @@ def run_rows(
     None when no branch used it)."""
     device = batch["input_ids"].device
     shared_needed = any(not modules[n].adapter.needs_base_pass for n in routes.rows)
-    shared = model.encode_batch(batch) if shared_needed else None
+    lower = shared_base_layers(modules[n] for n in routes.rows if not modules[n].adapter.needs_base_pass)
+    shared = model.encode_batch(batch, base_layers=lower) if shared_needed else None
     logits: dict[str, Tensor] = {}
     indices: dict[str, Tensor] = {}
     for name, rows in routes.rows.items():
@@ -75,7 +77,9 @@ def run_rows(
         module = modules[name]
         if module.adapter.needs_base_pass:
             sub = {k: v.index_select(0, idx) for k, v in batch.items()}
-            logits[name] = module(model.encode_batch(sub, adapter=name))
+            logits[name] = module(
+                model.encode_batch(sub, adapter=name, base_layers=module.adapter.base_layers)
+            )
         else:
             assert shared is not None
             logits[name] = module(select_rows(shared, idx))

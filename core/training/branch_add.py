@@ -312,7 +312,9 @@ def _train_on_features(
     progress = progress_factory("trunk features", len(texts)) if progress_factory else None
     # (issue 12) the features the strategy declares: pooled rows, or cached token states
     kind = feature_kind(branch.adapter)
-    feats, cached = cached_features(store, model, tid, texts, kind=kind, progress=progress)
+    feats, cached = cached_features(
+        store, model, tid, texts, kind=kind, progress=progress, base_layers=branch.adapter.base_layers
+    )
     feature_seconds = time.perf_counter() - t0
     note("features", {"seconds": feature_seconds, "cached": cached, "rows": len(texts)})
     train_x, eval_x = feats[: len(rows.train)], feats[len(rows.train) :]

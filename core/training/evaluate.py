@@ -13,13 +13,19 @@ from scaler_wizard.modeling.base_encoder import BaseEncoder
 from scaler_wizard.modeling.model import Trunk
 from scaler_wizard.training.batches import BranchData
 from scaler_wizard.training.metrics import classification_metrics
-from scaler_wizard.training.multitask import MultiTaskModule
+from scaler_wizard.training.multitask import MultiTaskModule, base_states, run_trunk
 
 
 def eval_branch(
-    trunk: Trunk, branch: Branch, part: BranchData, base: BaseEncoder, device: torch.device
+    trunk: Trunk,
+    branch: Branch,
+    part: BranchData,
+    base: BaseEncoder,
+    device: torch.device,
+    lower: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1, loss and the full classification metrics on the branch's eval rows."""
+    """Accuracy, macro-F1, loss and the full classification metrics on the branch's eval rows
+    (``lower``: the base layers below the last the run's states carry, see ``run_trunk``)."""
     preds: list[int] = []
     loss_sum = 0.0
     n = len(part.eval)
@@ -30,9 +36,9 @@ def eval_branch(
                 states, mask = part.eval_states.batch(idx)
             else:
                 batch = base.tokenize([part.eval.texts[i] for i in idx], device)
-                states = base(batch["input_ids"], batch["attention_mask"])
+                states = base_states(base, batch, lower)
                 mask = batch["attention_mask"].bool()
-            logits = branch(trunk(states.to(device), mask.to(device))).float()
+            logits = branch(run_trunk(trunk, states.to(device), mask.to(device))).float()
             y = part.eval_y[idx].to(device)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds += logits.argmax(-1).tolist()
@@ -48,7 +54,7 @@ def evaluate(
     module.eval()
     try:
         return {
-            p.name: eval_branch(module.trunk, module.branches[p.name], p, base, device)  # type: ignore[arg-type]
+            p.name: eval_branch(module.trunk, module.branches[p.name], p, base, device, module.lower)  # type: ignore[arg-type]
             for p in parts
         }
     finally:

@@ -26,7 +26,7 @@ import torch
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.banks.atomic import atomic_write_bytes
-from scaler_wizard.branch import Branch
+from scaler_wizard.branch import Branch, shared_base_layers
 from scaler_wizard.caches.base_states import TokenStates, cached_states
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.manifests.facts import mark_stale
@@ -48,7 +48,7 @@ from scaler_wizard.training.evaluate import evaluate
 from scaler_wizard.training.events import TrainEvents
 from scaler_wizard.training.finish import check_head, plan_digest
 from scaler_wizard.training.monitor import MetricsLog, QualityChecks
-from scaler_wizard.training.multitask import MultiTaskModule, base_digest, parameter_groups
+from scaler_wizard.training.multitask import MultiTaskModule, base_digest, base_states, parameter_groups
 from scaler_wizard.training.plan import (
     RUN_FILE,
     RunPlan,
@@ -174,6 +174,11 @@ class TrainRun:
         self.branches[spec.name] = branch
         self.parts.append(part)
 
+    @property
+    def lower(self) -> int:
+        """Base layers below the last that the run's branches read (the states carry them)."""
+        return shared_base_layers(self.branches.values())
+
     # 3. Base states: computed once (local main process first), then read from the cache file.
     def load_base_states(self) -> None:
         if not self.cfg.base_cache:
@@ -193,6 +198,7 @@ class TrainRun:
                     write=acc.is_local_main_process,
                     device=acc.device,
                     progress=tick,
+                    lower=self.lower,
                 )
             n = len(p.train)
             p.train_states = TokenStates(states.flat, states.offsets[: n + 1])
@@ -323,9 +329,8 @@ class TrainRun:
         """The batch's base states and mask: cached ones, or the frozen base run on its tokens."""
         if "states" in batch:
             return batch["states"], batch["mask"]
-        extra = {k: v for k, v in batch.items() if k not in ("branch", "target")}
-        states = self.base(extra.pop("input_ids"), extra.pop("attention_mask"), **extra)
-        return states, batch["attention_mask"].bool()
+        tokens = {k: v for k, v in batch.items() if k not in ("branch", "target")}
+        return base_states(self.base, tokens, self.lower), batch["attention_mask"].bool()
 
     def _reduce(
         self, out: dict[str, torch.Tensor], loss: torch.Tensor, branch: torch.Tensor

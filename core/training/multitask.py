@@ -11,13 +11,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaler_wizard.branch import Branch, TrunkOutput
+from scaler_wizard.branch import Branch, TrunkOutput, shared_base_layers
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.base_encoder import BaseEncoder
 from scaler_wizard.modeling.model import Trunk
 from scaler_wizard.training.config import TrainConfig
 
 PARAM_GROUPS = ("experts", "gating", "adapters", "heads")
+
+
+def run_trunk(trunk: Trunk, states: Tensor, mask: Tensor) -> TrunkOutput:
+    """The trunk over base ``states``: (B, T, d) the base's last layer; or (B, T, n + 1, d)
+    the ``n`` layers below it then the last, which the output carries as ``base_layers``
+    for the branches that read them (``BranchAdapter.base_layers``)."""
+    if states.dim() == 3:
+        return trunk(states, mask)
+    layers = states.unbind(2)
+    out = trunk(layers[-1], mask)
+    out.base_layers = tuple(layers[:-1])
+    return out
+
+
+def base_states(base: BaseEncoder, batch: dict[str, Tensor], lower: int) -> Tensor:
+    """The frozen base over a tokenised ``batch``: (B, T, d), or (B, T, lower + 1, d) with the
+    ``lower`` layers below the last (the layout :func:`run_trunk` and the cache take)."""
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hidden, below = base.forward_layers(ids, mask, lower, adapter=None, grad=False, **extra)
+    return torch.stack([*below, hidden], dim=2) if lower else hidden
 
 
 class MultiTaskModule(nn.Module):
@@ -28,11 +49,14 @@ class MultiTaskModule(nn.Module):
         self.trunk = trunk
         self.branches = nn.ModuleDict({n: branches[n] for n in order})
         self.order = list(order)
+        #: base layers below the last the run's branches read (the states carry them)
+        self.lower = shared_base_layers(self.branches[n] for n in self.order)  # type: ignore[misc]
 
     def forward(self, states: Tensor, mask: Tensor, branch: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """states (B, T, d), mask (B, T) bool, branch (B,) index into ``order``, target (B,)."""
-        assert states.dim() == 3 and mask.shape == states.shape[:2], (states.shape, mask.shape)
-        out = self.trunk(states, mask)
+        """states (B, T, d) (or (B, T, n + 1, d), see :func:`run_trunk`), mask (B, T) bool,
+        branch (B,) index into ``order``, target (B,)."""
+        assert states.dim() in (3, 4) and mask.shape == states.shape[:2], (states.shape, mask.shape)
+        out = run_trunk(self.trunk, states, mask)
         n = states.shape[0]
         task = states.new_zeros(())
         example_loss = states.new_zeros(n)
@@ -50,6 +74,7 @@ class MultiTaskModule(nn.Module):
                 hidden=out.hidden.index_select(0, rows),
                 mask=out.mask.index_select(0, rows),
                 aux_loss=out.aux_loss,
+                base_layers=tuple(layer.index_select(0, rows) for layer in out.base_layers),
             )
             logits = module(sub)  # (n_k, labels_k)
             y = target.index_select(0, rows)
@@ -67,7 +92,7 @@ class MultiTaskModule(nn.Module):
             "example_loss": example_loss,
             "correct": correct,
             "load": load.detach(),
-            "tokens": mask.sum().to(states.dtype),
+            "tokens": mask.sum().to(out.hidden.dtype),
         }
 
 
