@@ -42,7 +42,13 @@ from scaler_wizard.modeling.compose import compose, init_model, new_branch, trun
 from scaler_wizard.training.branch_fit import BranchTrainingConfig, predict_logits, train_branch
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("attn-mlp", "lora")
+#: (label, strategy, config): ours, each trained the way ``branch add`` trains it
+STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("attn-mix", "attn-mix", {}),
+    ("attn-mix layers=7 (all)", "attn-mix", {"layers": 7}),
+    ("attn-mlp", "attn-mlp", {}),
+    ("lora", "lora", {}),
+)
 OTHERS = {"SetFit": "setfit", "AdapterHub adapters": "adapters", "PEFT LoRA (full pass)": "peft"}
 
 
@@ -55,7 +61,7 @@ def branch_bytes(branch: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in branch.state_dict().values())
 
 
-def run_task(store: ContentStore, task: str) -> list[dict[str, Any]]:
+def run_task(store: ContentStore, task: str, selected: set[str] | None = None) -> list[dict[str, Any]]:
     model = compose(store, "demo")
     assert model.origin is not None
     tid = trunk_id(model.origin.manifest)
@@ -71,36 +77,50 @@ def run_task(store: ContentStore, task: str) -> list[dict[str, Any]]:
     texts = list(fit["text"]) + list(val["text"]) + list(test["text"])
     n1, n2 = len(fit), len(fit) + len(val)
     rows: list[dict[str, Any]] = []
-    feats: dict[str, Any] = {}
-    for kind in ("pooled", "tokens"):
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        feats[kind], cached = cached_features(store, model, tid, texts, kind=kind)
-        print(f"{task}: {kind} features {time.perf_counter() - t0:.1f}s (cached={cached})", flush=True)
-        feats[kind + "_seconds"] = (time.perf_counter() - t0, cpu_seconds() - c0)
-    for strategy in STRATEGIES:
+    feats: dict[tuple[str, int], Any] = {}
+    seconds: dict[tuple[str, int], tuple[float, float]] = {}
+
+    def features(kind: str, layers: int) -> Any:
+        if (kind, layers) not in feats:
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            feats[kind, layers], cached = cached_features(
+                store, model, tid, texts, kind=kind, base_layers=layers
+            )
+            print(
+                f"{task}: {kind} features (+{layers} layers) {time.perf_counter() - t0:.1f}s (cached={cached})"
+            )
+            seconds[kind, layers] = (time.perf_counter() - t0, cpu_seconds() - c0)
+        return feats[kind, layers]
+
+    for label, strategy, config in STRATEGIES:
+        if selected and label not in selected and strategy not in selected:
+            continue
         torch.manual_seed(0)
-        branch = new_branch(hidden_size=model.trunk_hidden_size(), labels=labels, strategy=strategy)
+        branch = new_branch(
+            hidden_size=model.trunk_hidden_size(), labels=labels, strategy=strategy, strategy_config=config
+        )
         kind = getattr(branch.adapter, "features", "pooled")
-        x = feats[kind]
+        layers = int(branch.adapter.base_layers)
+        x = features(kind, layers)
         t0, c0 = time.perf_counter(), cpu_seconds()
         result = train_branch(branch, x[:n1], y(fit), x[n1:n2], y(val), BranchTrainingConfig())
         pred = predict_logits(branch, x[n2:]).argmax(-1)
         rows.append(
             {
                 "task": task,
-                "method": f"ours: {strategy}",
+                "method": f"ours: {label}",
                 "accuracy": accuracy_score(y(test), pred),
                 "macro_f1": f1_score(y(test), pred, average="macro"),
                 "train_wall_s": time.perf_counter() - t0,
                 "train_cpu_s": cpu_seconds() - c0,
-                "feature_wall_s": feats[kind + "_seconds"][0],
+                "feature_wall_s": seconds[kind, layers][0],
                 "bytes_per_branch": branch_bytes(branch),
                 "epochs": result.epochs_run,
                 "best_epoch": result.best_epoch,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    pooled = feats["pooled"]
+    pooled = features("pooled", 0)
     x_fit = pooled[:n1].numpy() if isinstance(pooled, torch.Tensor) else pooled.tensor(0, n1).numpy()
     x_test = pooled[n2:].numpy() if isinstance(pooled, torch.Tensor) else pooled.tensor(n2).numpy()
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -114,7 +134,7 @@ def run_task(store: ContentStore, task: str) -> list[dict[str, Any]]:
             "macro_f1": f1_score(y(test), pred_lr, average="macro"),
             "train_wall_s": time.perf_counter() - t0,
             "train_cpu_s": cpu_seconds() - c0,
-            "feature_wall_s": feats["pooled_seconds"][0],
+            "feature_wall_s": seconds["pooled", 0][0],
             "bytes_per_branch": int(clf.coef_.size + clf.intercept_.size) * 8,
         }
     )
@@ -132,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="trec,sms_spam")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--store", type=Path, default=None, help="reuse a store (and its caches)")
+    parser.add_argument(
+        "--strategies", default="", help="comma-separated labels of ours to run (default: all)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     root = args.store or Path(tempfile.mkdtemp(prefix="bench-quality-")) / "store"
@@ -140,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         store.resolve("demo")
     except ScalerError:
         init_model(store, "demo", seed=0)
-    rows = [row for task in args.tasks.split(",") for row in run_task(store, task)]
+    selected = {s for s in args.strategies.split(",") if s} or None
+    rows = [row for task in args.tasks.split(",") for row in run_task(store, task, selected)]
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average": os.getloadavg(),

@@ -13,6 +13,7 @@ from scaler_wizard.cli import (
     branch_commands,
     diff_command,
     eval_command,
+    expand_command,
     export_command,
     hub_commands,
     inspect_command,
@@ -85,6 +86,7 @@ train_command.register(app)
 serve_command.register(app)
 inspect_command.register(app)
 export_command.register(app)
+expand_command.register(app)
 app.add_typer(branch_commands.branch_app, name="branch")
 
 _plugins_added = False

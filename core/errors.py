@@ -198,6 +198,52 @@ class ExportError(ScalerError):
     """An export that cannot be made (a branch that cannot be stock PEFT, a DEST in the way)."""
 
 
+class TeacherError(ScalerError):
+    """A teacher that cannot be used: not a safetensors encoder folder, a bad layer, no such teacher.
+
+    ``teacher``: the teacher's name in the model (or the ``--model`` given); ``model``: the model.
+    """
+
+    def __init__(self, message: str, *, teacher: str | None = None, model: str | None = None) -> None:
+        super().__init__(message)
+        self.teacher = teacher
+        self.model = model
+
+
+class FeatureBankMismatchError(TeacherError):
+    """A teacher's feature bank does not match what is asked (other teacher, data, layer...) or is damaged.
+
+    ``bank``: the feature bank; ``field``: what differs (``teacher``, ``data``, ``layer``...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        teacher: str | None = None,
+        model: str | None = None,
+        bank: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message, teacher=teacher, model=model)
+        self.bank = bank
+        self.field = field
+
+
+class GrowthError(ScalerError):
+    """An expansion (``scaler expand``) refused: the operator does not apply to this model, or it
+    would change what the model computes; nothing was stored.
+
+    ``operator``: ``add-experts``, ``add-layer`` or ``widen``; ``max_delta``: the measured
+    max |delta logits| over the probe set when that check refused (None otherwise).
+    """
+
+    def __init__(self, message: str, *, operator: str | None = None, max_delta: float | None = None) -> None:
+        super().__init__(message)
+        self.operator = operator
+        self.max_delta = max_delta
+
+
 def did_you_mean(name: str, existing: list[str] | tuple[str, ...] | set[str]) -> str:
     """A short suffix listing what exists, for not-found messages."""
     names = sorted(existing)
@@ -217,6 +263,8 @@ __all__ = [
     "CheckpointError",
     "ConflictError",
     "DataError",
+    "FeatureBankMismatchError",
+    "GrowthError",
     "HubError",
     "IntegrityError",
     "ManifestError",
@@ -224,6 +272,7 @@ __all__ = [
     "PluginError",
     "ScalerError",
     "StoreError",
+    "TeacherError",
     "TrainConfigError",
     "did_you_mean",
 ]
