@@ -21,6 +21,7 @@ from scaler_wizard.cli import (
     plugin_commands,
     predict_command,
     serve_command,
+    teacher_commands,
     train_command,
 )
 from scaler_wizard.cli.state import STATE, err
@@ -88,6 +89,7 @@ inspect_command.register(app)
 export_command.register(app)
 expand_command.register(app)
 app.add_typer(branch_commands.branch_app, name="branch")
+app.add_typer(teacher_commands.teacher_app, name="teacher")
 
 _plugins_added = False
 

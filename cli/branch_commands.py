@@ -188,10 +188,11 @@ def add(
     strategy: Annotated[
         str,
         typer.Option(
-            help="Branch strategy plugin: attn-mlp (attention pooling + MLP over cached token states), "
+            help="Branch strategy plugin: attn-mix (attention pooling + MLP over a learned mix of "
+            "the encoder's last 3 layers, cached), attn-mlp (the same over the last layer only), "
             "lora (linear on the pooled output), peft-lora (inside the encoder)."
         ),
-    ] = "attn-mlp",
+    ] = "attn-mix",
     rank: Annotated[int | None, typer.Option(help="Adapter rank (strategies that take one).")] = None,
     head: Annotated[str, typer.Option(help="Head plugin.")] = "linear",
     strategy_config: Annotated[

@@ -60,6 +60,13 @@ def banks_of(manifest: ManifestLike) -> list[tuple[str, str, str | None]]:
     for name, entry in sorted(m.branches.items()):
         out.append((f"branches.{name}.adapter_bank", entry.adapter_bank, "adapter"))
         out.append((f"branches.{name}.head_bank", entry.head_bank, "head"))
+    for name, teacher in sorted(m.teachers.items()):  # (issue 14) frozen teachers' feature banks
+        out.append((f"teachers.{name}.data.texts", teacher.data.texts, None))
+        for i, features in enumerate(teacher.features):
+            out += [
+                (f"teachers.{name}.features[{i}].banks[{j}]", bank, "teacher-features")
+                for j, bank in enumerate(features.banks)
+            ]
     return out
 
 

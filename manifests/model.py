@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from scaler_wizard.errors import ManifestError
 from scaler_wizard.manifests.validation import (
@@ -32,6 +32,9 @@ from scaler_wizard.manifests.validation import (
     validate_manifest,
 )
 from scaler_wizard.names import BankHash
+
+if TYPE_CHECKING:
+    from scaler_wizard.manifests.teachers import TeacherEntry
 
 #: A JSON object kept verbatim and read-only (nested objects are read-only too, arrays tuples).
 JsonObject: TypeAlias = Mapping[str, Any]
@@ -344,9 +347,12 @@ class Manifest:
     branches: Mapping[str, BranchEntry] = field(default_factory=dict)
     message: str | None = None
     library: LibraryInfo | None = None
+    #: frozen teachers by name (issue 14); empty when there are none (then absent from the JSON)
+    teachers: Mapping[str, TeacherEntry] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "branches", MappingProxyType(dict(self.branches)))
+        object.__setattr__(self, "teachers", MappingProxyType(dict(self.teachers)))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
@@ -362,6 +368,7 @@ class Manifest:
             branches={n: BranchEntry.from_dict(e) for n, e in d["branches"].items()},
             message=d.get("message"),
             library=None if library is None else LibraryInfo.from_dict(library),
+            teachers=_teachers_from_dict(d.get("teachers")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,6 +386,8 @@ class Manifest:
         }
         _optional(out, "message", self.message)
         _optional(out, "library", None if self.library is None else self.library.to_dict())
+        if self.teachers:  # a manifest without teachers has no key (old manifests keep their bytes)
+            out["teachers"] = {n: e.to_dict() for n, e in self.teachers.items()}
         return out
 
     def to_bytes(self) -> bytes:
@@ -389,6 +398,15 @@ class Manifest:
     def hash(self) -> BankHash:
         """``sha256:<hex>`` of the canonical bytes: the name this version has in any store."""
         return content_hash(self.to_bytes())
+
+
+def _teachers_from_dict(d: Mapping[str, Any] | None) -> dict[str, TeacherEntry]:
+    """The typed ``teachers`` (issue 14; ``manifests/teachers.py``), {} when the key is absent."""
+    if not d:
+        return {}
+    from scaler_wizard.manifests.teachers import TeacherEntry
+
+    return {n: TeacherEntry.from_dict(e) for n, e in d.items()}
 
 
 def as_manifest(manifest: Manifest | Mapping[str, Any]) -> Manifest:

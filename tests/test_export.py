@@ -164,8 +164,8 @@ def test_export_cli_round_trip(legacy_root: Path, tmp_path: Path) -> None:
     again = run_scaler("export", "legacy", str(dest), env=env)
     assert again.returncode == 1 and "not empty" in again.stderr
 
-    onnx = run_scaler("export", "legacy", str(tmp_path / "y"), "--format", "onnx", env=env)
-    assert onnx.returncode == 2 and "onnx" in onnx.stderr
+    unknown = run_scaler("export", "legacy", str(tmp_path / "y"), "--format", "tflite", env=env)
+    assert unknown.returncode == 2 and "tflite" in unknown.stderr  # --format onnx: test_export_onnx.py
 
 
 @pytest.mark.slow

@@ -139,10 +139,10 @@ def test_class_weights_are_reported_for_the_skewed_sample(scaler_env: dict[str, 
 @pytest.mark.slow
 def test_readme_quick_path_on_the_sample_beats_the_majority_class(scaler_env: dict[str, str]) -> None:
     """``scaler branch add demo spam --data data/samples/sms_spam_small.csv`` with every default
-    (strategy attn-mlp): clearly better than always answering ham (18 of the 20 eval rows)."""
+    (strategy attn-mix): clearly better than always answering ham (18 of the 20 eval rows)."""
     report, _, _ = add(scaler_env, "sms")  # (the fixture's demo already has a `spam`)
     shown = run_scaler("branch", "show", "demo", "sms", "--json", env=scaler_env)
-    assert json.loads(shown.stdout)["strategy"]["plugin"] == "attn-mlp"
+    assert json.loads(shown.stdout)["strategy"]["plugin"] == "attn-mix"
     assert report["accuracy"] >= 0.95 and report["macro_f1"] >= 0.85
     proc = run_scaler(
         "predict",

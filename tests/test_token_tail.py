@@ -55,7 +55,7 @@ def logits_of(model: ScalerModel, branches: list[str]) -> dict[str, Tensor]:
 
 
 def test_attn_mlp_is_the_default_strategy_and_declares_token_features() -> None:
-    assert DEFAULT_STRATEGY == "attn-mlp"
+    assert DEFAULT_STRATEGY == "attn-mix"  # (tests/test_layer_mix.py); attn-mlp stays built in
     branch = new_branch(hidden_size=384, labels=["a", "b"])  # the library default is still lora
     assert branch.entry["strategy"]["plugin"] == "lora" and feature_kind(branch.adapter) == "pooled"
     tail = new_branch(hidden_size=384, labels=["a", "b"], strategy="attn-mlp")

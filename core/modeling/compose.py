@@ -181,7 +181,8 @@ def compose(
         for bname, entry in manifest.branches.items()
     }
     for field, bank, _kind in banks_of(manifest):
-        if not field.startswith("branches.") and not store.has(bank):
+        # branches load lazily (each checks its own banks); teachers are not part of the forward
+        if not field.startswith(("branches.", "teachers.")) and not store.has(bank):
             raise BankNotFoundError(f"{field}: bank {bank} is missing from the store {store.root}", bank=bank)
 
     base = load_base(store, manifest.base.to_dict(), device=device)

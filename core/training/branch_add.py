@@ -67,7 +67,7 @@ class DataSpec:
 Reporter = Callable[[str, dict[str, Any]], None]
 #: The CLI ``branch add``'s strategy when none is named (issue 12: attention pooling over cached
 #: token states). The library's ``add_branch`` keeps ``"lora"`` as its default argument.
-DEFAULT_STRATEGY = "attn-mlp"
+DEFAULT_STRATEGY = "attn-mix"
 #: How ``branch add``'s label errors name the labels an eval file's labels must be among.
 KNOWN_AS = "in the training labels"
 

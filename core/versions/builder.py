@@ -14,6 +14,7 @@ What a new version takes from its parent, and what it gets anew:
 ``base``           the parent's, unless given (required without a parent)
 ``trunk``          the parent's, unless given (required without a parent)
 ``branches``       the parent's, unless given (the complete new set, not a delta)
+``teachers``       the parent's, unless given (the complete new set; issue 14); none without a parent
 =================  ===========================================================================
 
 Then every branch recorded on another trunk than the new one, and not yet marked stale, is
@@ -42,6 +43,7 @@ from scaler_wizard.manifests.model import (
     TrunkEntry,
     parse_manifest,
 )
+from scaler_wizard.manifests.teachers import TeacherEntry
 from scaler_wizard.version import __version__
 
 #: Who writes the manifests this process makes.
@@ -69,6 +71,7 @@ def new_version(
     library: LibraryInfo | None = CURRENT_LIBRARY,
     mark_stale: bool = True,
     where: str = "new manifest",
+    teachers: Mapping[str, TeacherEntry] | None = None,
 ) -> Manifest:
     """The manifest of a new version of ``parent`` (or, with ``parent=None``, a first version).
 
@@ -84,6 +87,7 @@ def new_version(
         base = parent.base if base is None else base
         trunk = parent.trunk if trunk is None else trunk
         branches = parent.branches if branches is None else branches
+        teachers = parent.teachers if teachers is None else teachers
     assert name is not None and base is not None and trunk is not None
     draft = Manifest(
         name=name,
@@ -95,6 +99,7 @@ def new_version(
         base=base,
         trunk=trunk,
         branches=dict(branches or {}),
+        teachers=dict(teachers or {}),
     )
     if mark_stale:
         draft = dataclasses.replace(draft, branches=mark_stale_branches(draft))
@@ -176,6 +181,35 @@ def with_trunk(
     )
 
 
+def with_teacher(
+    parent: Manifest,
+    name: str,
+    entry: TeacherEntry,
+    *,
+    replace: bool = False,
+    message: str | None = None,
+    version: int | None = None,
+    created: str | dt.datetime | None = None,
+    where: str = "new manifest",
+) -> Manifest:
+    """A new version of ``parent`` with teacher ``name`` (issue 14) added, or with ``replace``
+    put in place of the one it has (ConflictError if it has one and ``replace`` is false)."""
+    if name in parent.teachers and not replace:
+        raise ConflictError(
+            f"model {parent.name!r} already has a teacher {name!r} (pass --replace to replace it, "
+            "or pick another name)"
+        )
+    verb = "replace" if name in parent.teachers else "add"
+    return new_version(
+        parent,
+        message=f"{verb} teacher {name}" if message is None else message,
+        version=version,
+        created=created,
+        teachers={**parent.teachers, name: entry},
+        where=where,
+    )
+
+
 def rebased(
     ours: Manifest,
     *,
@@ -183,9 +217,11 @@ def rebased(
     branches: Mapping[str, BranchEntry],
     message: str | None = None,
     where: str = "new manifest",
+    teachers: Mapping[str, TeacherEntry] | None = None,
 ) -> Manifest:
     """``ours`` (same number, time and trunk) re-parented onto ``onto`` with ``branches``
-    merged (what ``history.rebase_branches`` decides), validated."""
+    merged (what ``history.rebase_branches`` decides), and ``teachers`` when given (else
+    ours), validated."""
     if ours.parent is None:
         raise ManifestError(
             f"{where}: parent: version {ours.version} is the first and cannot be rebased", field="parent"
@@ -195,6 +231,7 @@ def rebased(
         parent=onto,
         branches=dict(branches),
         message=ours.message if message is None else message,
+        teachers=ours.teachers if teachers is None else dict(teachers),
     )
     return parse_manifest(moved.to_dict(), where=where)
 
@@ -205,6 +242,7 @@ __all__ = [
     "rebased",
     "rfc3339",
     "with_branch",
+    "with_teacher",
     "with_trunk",
     "without_branch",
 ]

@@ -14,14 +14,17 @@ manifest dict to list, name or move versions)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from scaler_wizard.banks.hashing import BankHash, is_bank_hash
 from scaler_wizard.banks.store import ContentStore
 from scaler_wizard.errors import ConflictError, ManifestError, ModelNotFoundError, ScalerError
-from scaler_wizard.manifests.model import BranchEntry, Manifest, parse_manifest
+from scaler_wizard.manifests.model import Manifest, parse_manifest
 from scaler_wizard.versions.builder import rebased
+
+T = TypeVar("T")
 
 _MAX_DEPTH = 100_000
 
@@ -209,20 +212,28 @@ def rebase_branches(
             raise _rebase_conflict(
                 name, head_h, origin_h, f"v{theirs.version} changed the {part} this change was made on"
             )
-    b_base, b_ours, b_theirs = base.branches, ours.branches, theirs.branches
-    merged: dict[str, BranchEntry] = {}
-    for branch in sorted({*b_base, *b_ours, *b_theirs}):
-        was, mine, other = b_base.get(branch), b_ours.get(branch), b_theirs.get(branch)
-        if mine == was:
-            pick = other
-        elif other == was or mine == other:
-            pick = mine
-        else:
-            did = "added" if was is None else "removed" if other is None else "changed"
-            raise _rebase_conflict(name, head_h, origin_h, f"v{theirs.version} {did} branch {branch!r} too")
-        if pick is not None:
-            merged[branch] = pick
-    return rebased(ours, onto=str(head_h), branches=merged, message=message)
+
+    def merge(
+        kind: str, was_all: Mapping[str, T], ours_all: Mapping[str, T], theirs_all: Mapping[str, T]
+    ) -> dict[str, T]:
+        """Three-way merge of named entries (branches, teachers): a side's change carries over."""
+        merged: dict[str, T] = {}
+        for key in sorted({*was_all, *ours_all, *theirs_all}):
+            was, mine, other = was_all.get(key), ours_all.get(key), theirs_all.get(key)
+            if mine == was:
+                pick = other
+            elif other == was or mine == other:
+                pick = mine
+            else:
+                did = "added" if was is None else "removed" if other is None else "changed"
+                raise _rebase_conflict(name, head_h, origin_h, f"v{theirs.version} {did} {kind} {key!r} too")
+            if pick is not None:
+                merged[key] = pick
+        return merged
+
+    branches = merge("branch", base.branches, ours.branches, theirs.branches)
+    teachers = merge("teacher", base.teachers, ours.teachers, theirs.teachers)
+    return rebased(ours, onto=str(head_h), branches=branches, message=message, teachers=teachers)
 
 
 def _is_number(text: str) -> bool:
