@@ -41,7 +41,7 @@ STORE_VERSION = 1
 _LOCK_TIMEOUT_S = float(os.environ.get("SCALER_LOCK_TIMEOUT", "120"))
 #: The derived caches under ``cache/``, one folder each (trunk features, trunk token states,
 #: the frozen base's token states); files are named by the hex digest of their inputs.
-CACHE_KINDS = frozenset({"features", "tokens", "base-states", "teacher-features"})
+CACHE_KINDS = frozenset({"features", "tokens", "base-states", "teacher-features", "onnx"})
 _CACHE_KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 

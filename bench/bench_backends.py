@@ -7,7 +7,12 @@ tokenizes and computes every chosen branch's logits, batch by batch:
 * ``torch``: ``ScalerModel.forward`` on batches in the given order (what ``predict`` does);
 * ``torch-sorted``: the same, texts sorted by length first (less padding), answers unsorted;
 * ``onnx-fp32`` / ``onnx-int8``: ``scaler export --format onnx [--int8]``'s graphs in
-  onnxruntime (CPU, ``--threads`` intra-op threads), batches in the given order, as ``torch``.
+  onnxruntime (CPU, ``--threads`` intra-op threads), batches in the given order, as ``torch``;
+* ``backend-onnx`` / ``backend-onnx-int8``: what ``--backend onnx[-int8]`` runs
+  (``exporting.onnx_backend.OnnxModel.logits``: the cached shared base + trunk graph, then each
+  branch's tail graph; the graphs are exported into the store's cache on the first run).
+
+``--only a,b`` measures some of them (``torch`` is always measured: it is the reference).
 
 Reported per text set: sentences/s (median of ``--repeats`` interleaved runs, CPU-time ratio
 too), speed-up over ``torch``, max |Δ logits| against ``torch``; and per branch and eval file
@@ -104,6 +109,20 @@ def onnx_runner(session: Any, model: Any, names: list[str], batch_size: int) -> 
     return run
 
 
+def backend_runner(onnx_model: Any, names: list[str], batch_size: int) -> Callable[[list[str]], Logits]:
+    """``--backend onnx``'s path: ``OnnxModel.logits`` batch by batch, in the given order."""
+
+    def run(texts: list[str]) -> Logits:
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for s in range(0, len(texts), batch_size):
+            out = onnx_model.logits(onnx_model.model.base.tokenize(texts[s : s + batch_size], "cpu"), names)
+            for n in names:
+                parts[n].append(out[n])
+        return {n: np.concatenate(parts[n]) for n in names}
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, help="store folder (default: a fresh demo store under /tmp)")
@@ -118,10 +137,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--only", default="", help="comma-separated backends to measure (torch always)")
     args = ap.parse_args()
 
     set_threads(args.threads)
     from scaler_wizard.banks import ContentStore
+    from scaler_wizard.exporting.onnx_backend import OnnxModel
     from scaler_wizard.exporting.onnx_check import open_session
     from scaler_wizard.exporting.onnx_export import GRAPH_FILE, INT8_FILE, export_onnx
     from scaler_wizard.modeling.compose import compose
@@ -134,17 +155,26 @@ def main() -> None:
         store = ContentStore.open(root)
         model = compose(store, args.model)
         names = [b for b in args.branches.split(",") if b] or model.branch_names
-        export = export_onnx(store, args.model, Path(tmp) / "onnx", branches=names, int8=True)
-        backends: dict[str, Callable[[list[str]], Logits]] = {
-            "torch": torch_runner(model, names, args.batch_size, sort=False),
-            "torch-sorted": torch_runner(model, names, args.batch_size, sort=True),
-            "onnx-fp32": onnx_runner(
-                open_session(export.dest / GRAPH_FILE, threads=args.threads), model, names, args.batch_size
-            ),
-            "onnx-int8": onnx_runner(
-                open_session(export.dest / INT8_FILE, threads=args.threads), model, names, args.batch_size
-            ),
+        only = {b for b in args.only.split(",") if b}
+        makers: dict[str, Callable[[], Callable[[list[str]], Logits]]] = {
+            "torch": lambda: torch_runner(model, names, args.batch_size, sort=False),
+            "torch-sorted": lambda: torch_runner(model, names, args.batch_size, sort=True),
         }
+        if not only or only & {"onnx-fp32", "onnx-int8"}:
+            export = export_onnx(store, args.model, Path(tmp) / "onnx", branches=names, int8=True)
+            makers["onnx-fp32"] = lambda: onnx_runner(
+                open_session(export.dest / GRAPH_FILE, threads=args.threads), model, names, args.batch_size
+            )
+            makers["onnx-int8"] = lambda: onnx_runner(
+                open_session(export.dest / INT8_FILE, threads=args.threads), model, names, args.batch_size
+            )
+        for backend, precision in (("backend-onnx", "fp32"), ("backend-onnx-int8", "int8")):
+            makers[backend] = lambda precision=precision: backend_runner(
+                OnnxModel.load(store, args.model, branches=names, precision=precision, threads=args.threads),
+                names,
+                args.batch_size,
+            )
+        backends = {b: make() for b, make in makers.items() if b == "torch" or not only or b in only}
         sets = {"short": load_sentences(args.short), "long": long_texts(args.long)}
         results: dict[str, Any] = {"sets": {}, "accuracy": {}}
         for set_name, texts in sets.items():
@@ -184,11 +214,11 @@ def main() -> None:
 
     results["machine"] = machine_info(args.threads)
     results["config"] = {k: str(v) for k, v in vars(args).items()} | {"branches": names}
-    print(f"{'set':6} {'backend':13} {'sent/s':>9} {'x torch':>8} {'x cpu':>7} {'max|Δ|':>9}")
+    print(f"{'set':6} {'backend':17} {'sent/s':>9} {'x torch':>8} {'x cpu':>7} {'max|Δ|':>9}")
     for set_name, r in results["sets"].items():
         for b, v in r["backends"].items():
             print(
-                f"{set_name:6} {b:13} {v['sentences_per_s']:9.1f} {v['speedup']:8.2f} "
+                f"{set_name:6} {b:17} {v['sentences_per_s']:9.1f} {v['speedup']:8.2f} "
                 f"{v['cpu_speedup']:7.2f} {v['max_abs_diff']:9.2g}"
             )
     for key, acc in results["accuracy"].items():

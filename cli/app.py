@@ -11,9 +11,12 @@ import typer
 
 from scaler_wizard.cli import (
     branch_commands,
+    consolidate_command,
     diff_command,
+    distill_command,
     eval_command,
     expand_command,
+    experts_command,
     export_command,
     hub_commands,
     inspect_command,
@@ -84,10 +87,13 @@ eval_command.register(app)
 plugin_commands.register(app)
 hub_commands.register(app)
 train_command.register(app)
+distill_command.register(app)
 serve_command.register(app)
 inspect_command.register(app)
 export_command.register(app)
 expand_command.register(app)
+experts_command.register(app)
+consolidate_command.register(app)
 app.add_typer(branch_commands.branch_app, name="branch")
 app.add_typer(teacher_commands.teacher_app, name="teacher")
 

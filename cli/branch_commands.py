@@ -221,7 +221,13 @@ def add(
         ),
     ] = False,
     steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Rows a step (default 64; on small data fewer, at least 8, so an epoch is >= 8 steps).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, init and shuffling.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
 ) -> None:

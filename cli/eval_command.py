@@ -23,6 +23,12 @@ def evaluate(
     label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch, onnx or onnx-int8 (ONNX Runtime; graphs exported once, cached in the store)."
+        ),
+    ] = "torch",
 ) -> None:
     """Score a branch on labelled data through the whole model (base, trunk, branch)."""
     from scaler_wizard.errors import DataError
@@ -41,6 +47,10 @@ def evaluate(
         raise DataError(
             f"{data}: labels {unknown[:5]} are not labels of branch {branch!r} ({', '.join(b.labels)})"
         )
+    if backend != "torch":
+        from scaler_wizard.exporting.onnx_backend import with_backend
+
+        m = with_backend(store, m, backend, branches=[branch])  # same surface
     index = {lab: i for i, lab in enumerate(b.labels)}
     with err.status(f"predicting {len(dataset)} rows..."):
         preds = m.predict(dataset.texts, [branch], batch_size=batch_size)[branch]

@@ -90,6 +90,12 @@ def predict(
     as_jsonl: Annotated[
         bool, typer.Option("--jsonl", help="JSON Lines on stdout: one object per text.")
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch, onnx or onnx-int8 (ONNX Runtime; graphs exported once, cached in the store)."
+        ),
+    ] = "torch",
 ) -> None:
     """Label texts with one or more branches (label + confidence)."""
     if data is not None:
@@ -128,6 +134,10 @@ def predict(
         )
     for n in names:
         m.branch(n)  # misspelt names fail here, listing the branches that exist
+    if backend != "torch":
+        from scaler_wizard.exporting.onnx_backend import with_backend
+
+        m = with_backend(store, m, backend, branches=names)  # same surface
     if data is not None:
         _predict_data(m, data, names, text_column, output, fmt, chunk_rows, batch_size)
         return

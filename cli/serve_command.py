@@ -45,6 +45,12 @@ def serve(
             help="Require 'Authorization: Bearer TOKEN' (or env SCALER_SERVE_TOKEN).", show_default=False
         ),
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch, onnx or onnx-int8 (ONNX Runtime; graphs exported once, cached in the store)."
+        ),
+    ] = "torch",
 ) -> None:
     """Serve a model's branches over HTTP with dynamic batching (POST /v1/predict)."""
     try:
@@ -66,9 +72,16 @@ def serve(
         raise ScalerError(f"--watch follows a model's ref: give a name, not {model!r}")
     metrics = Metrics()
 
+    if backend != "torch":
+        from scaler_wizard.exporting.onnx_backend import parse_backend, with_backend
+
+        parse_backend(backend)  # an unknown name fails before anything loads
+
     def make(spec: str) -> Served:
         m = compose(store, spec)
         m.eval()
+        if backend != "torch":
+            m = with_backend(store, m, backend)  # every branch's graphs ready
         assert m.origin is not None
         batcher = Batcher(
             m, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, metrics=metrics

@@ -230,13 +230,19 @@ class FeatureBankMismatchError(TeacherError):
         self.field = field
 
 
+class DistillError(TeacherError):
+    """A ``scaler distill`` run that cannot be made: unknown or featureless teachers, teachers on
+    other texts, stale branches, a run folder that does not match (``teacher``, ``model``)."""
+
+
 class GrowthError(ScalerError):
-    """An expansion (``scaler expand``) refused: the operator does not apply to this model, or it
+    """An expansion (``scaler expand``), pruning (``scaler experts prune``) or consolidation
+    (``scaler consolidate``) refused: the operator does not apply to this model, or it
     would change what the model computes; nothing was stored.
 
-    ``operator``: ``add-experts``, ``add-layer`` or ``widen``; ``max_delta``: the measured
-    max |delta logits| over the probe set when that check refused (None otherwise).
-    """
+    ``operator``: ``add-experts``, ``add-layer``, ``widen``, ``prune`` or ``consolidate``;
+    ``max_delta``: the measured max |delta logits| over the probe set when that check refused
+    (None otherwise)."""
 
     def __init__(self, message: str, *, operator: str | None = None, max_delta: float | None = None) -> None:
         super().__init__(message)
@@ -263,6 +269,7 @@ __all__ = [
     "CheckpointError",
     "ConflictError",
     "DataError",
+    "DistillError",
     "FeatureBankMismatchError",
     "GrowthError",
     "HubError",

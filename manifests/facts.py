@@ -67,6 +67,11 @@ def banks_of(manifest: ManifestLike) -> list[tuple[str, str, str | None]]:
                 (f"teachers.{name}.features[{i}].banks[{j}]", bank, "teacher-features")
                 for j, bank in enumerate(features.banks)
             ]
+        if teacher.adapter is not None:  # (issue 14) what `scaler distill` trained for it
+            out.append((f"teachers.{name}.adapter.bank", teacher.adapter.bank, "teacher-adapter"))
+            out.append(
+                (f"teachers.{name}.adapter.router.bank", teacher.adapter.router_bank, "teacher-router")
+            )
     return out
 
 

@@ -90,6 +90,49 @@ class TeacherFeatures:
 
 
 @dataclass(frozen=True)
+class TeacherAdapterEntry:
+    """What ``scaler distill`` left for a teacher (schema ``teacher.adapter``; optional): the bank
+    of its adapter (student pooled dim -> teacher dim, one projection per recorded layer), the
+    trunk it was trained on, the feature loss, and the run's router (a gating plugin over the
+    run's teachers, in ``router.teachers`` order; the same record under each of them)."""
+
+    bank: str
+    trunk: str
+    loss: str
+    router: JsonObject
+    provenance: JsonObject | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "router", freeze(self.router))
+        if self.provenance is not None:
+            object.__setattr__(self, "provenance", freeze(self.provenance))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TeacherAdapterEntry:
+        return cls(
+            bank=d["bank"],
+            trunk=d["trunk"],
+            loss=d["loss"],
+            router=d["router"],
+            provenance=d.get("provenance"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "bank": self.bank,
+            "trunk": self.trunk,
+            "loss": self.loss,
+            "router": thaw(self.router),
+        }
+        _optional(out, "provenance", thaw(self.provenance))
+        return out
+
+    @property
+    def router_bank(self) -> str:
+        return str(self.router["bank"])
+
+
+@dataclass(frozen=True)
 class TeacherEntry:
     """A frozen teacher (recorded by hash, never kept) and the feature banks it left (``teacher``)."""
 
@@ -106,6 +149,8 @@ class TeacherEntry:
     features: tuple[TeacherFeatures, ...]
     model_type: str | None = None
     provenance: JsonObject | None = None
+    #: (``scaler distill``) its adapter and the router it was trained with; None before any
+    adapter: TeacherAdapterEntry | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
@@ -128,6 +173,7 @@ class TeacherEntry:
             features=tuple(TeacherFeatures.from_dict(f) for f in d["features"]),
             model_type=d.get("model_type"),
             provenance=d.get("provenance"),
+            adapter=None if d.get("adapter") is None else TeacherAdapterEntry.from_dict(d["adapter"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +192,7 @@ class TeacherEntry:
         }
         _optional(out, "model_type", self.model_type)
         _optional(out, "provenance", thaw(self.provenance))
+        _optional(out, "adapter", None if self.adapter is None else self.adapter.to_dict())
         return out
 
     @property
@@ -163,4 +210,4 @@ class TeacherEntry:
         return (self.data.texts, *(b for f in self.features for b in f.banks))
 
 
-__all__ = ["TeacherData", "TeacherEntry", "TeacherFeatures", "TeacherFile"]
+__all__ = ["TeacherAdapterEntry", "TeacherData", "TeacherEntry", "TeacherFeatures", "TeacherFile"]

@@ -113,10 +113,23 @@ class AttentionMix(AttentionMLP):
                 f"attn-mix reads {n} base layers below the last, the trunk output carries "
                 f"{len(trunk.base_layers)}"
             )
+        # Written for serving many branches: every step is one pass over the (B, T, d) states
+        # (no stacked copy of the layers, no permuted copy per head), so a branch costs a few
+        # memory passes over the batch's tokens on top of the one shared trunk pass.
         lower = trunk.base_layers[len(trunk.base_layers) - n :]
-        stacked = torch.stack([*lower, trunk.hidden], dim=0)  # (L, B, T, d)
-        weights = torch.softmax(self.mix, dim=0).to(stacked.dtype)
-        x = torch.einsum("l,lbtd->btd", weights, stacked)
-        m = trunk.mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.tail(x, trunk.mask, pooled)
+        weights = torch.softmax(self.mix, dim=0).to(trunk.hidden.dtype)
+        x = trunk.hidden * weights[-1]
+        for i, layer in enumerate(lower):
+            x = torch.addcmul(x, layer, weights[i])  # one pass per layer
+        mask = trunk.mask
+        m = mask.to(x.dtype).unsqueeze(1)  # (B, 1, T)
+        pooled = torch.bmm(m, x).squeeze(1) / m.sum(-1).clamp(min=1.0)  # masked mean (B, d)
+        b, t, d = x.shape
+        h = self.dropout(self.token_norm(x))
+        scores = self.score(h).masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min)  # (B, T, H)
+        attn = torch.softmax(scores, dim=1).transpose(1, 2)  # (B, H, T), over tokens
+        # every head's weights over every slice, then each head's own slice: (B, H, H, d/H) diagonal
+        every = torch.bmm(attn, h).reshape(b, self.heads, self.heads, d // self.heads)
+        attended = torch.diagonal(every, dim1=1, dim2=2).transpose(1, 2).reshape(b, d)
+        z = pooled + self.proj(attended)
+        return z + self.mlp_out(self.dropout(self.act(self.mlp_in(self.mlp_norm(z)))))

@@ -178,7 +178,9 @@ def test_manifest_records_provenance_metrics_and_fingerprint(
     assert prov["train_rows"] + entry["metrics"]["eval_rows"] == 200
     training = prov["training"]
     assert training["seed"] == 0 and training["epochs"] == 3
-    assert training["steps"] == added.result.training.steps == 3 * 3  # 180 rows / batch 64 -> 3 a epoch
+    # small data: 180 rows a batch of 180 // 8 = 22 (not 64), so 9 steps an epoch
+    assert training["batch_size"] == 22
+    assert training["steps"] == added.result.training.steps == 3 * 9
     assert prov["library"]["distribution"] == "scaler-wizard"
 
     metrics = entry["metrics"]

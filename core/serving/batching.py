@@ -107,8 +107,13 @@ class Batcher:
         rows = [r for j in jobs for r in j.rows]
         if self.metrics is not None:
             self.metrics.batch(len(texts))
+        # a model with its own ``predict_routed`` (the ONNX backend's, handed in by the CLI) runs it
+        own = getattr(self.model, "predict_routed", None)
         try:
-            preds = predict_routed(self.model, texts, rows, batch_size=max(len(texts), 1))
+            if own is not None:
+                preds = own(texts, rows, max(len(texts), 1))
+            else:
+                preds = predict_routed(self.model, texts, rows, batch_size=max(len(texts), 1))
         except Exception as exc:
             for j in jobs:
                 j.future.set_exception(exc)

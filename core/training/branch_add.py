@@ -76,7 +76,7 @@ def _epochs_total(training: BranchTrainingConfig, n_train: int) -> int:
     """Epochs the run will do at most (early stopping may end it sooner), for a progress total."""
     if training.max_steps is None:
         return int(training.epochs or EPOCHS_CACHED)
-    return max(1, -(-training.max_steps // max(1, -(-n_train // training.batch_size))))
+    return max(1, -(-training.max_steps // max(1, -(-n_train // training.batch_for(n_train)))))
 
 
 def _train_in_encoder(

@@ -31,13 +31,18 @@ MIN_EVAL_ROWS = 50
 SKEW_RATIO = 3.0
 
 
+#: ``branch add``'s batch size on enough data, and the smallest it picks on small data
+DEFAULT_BATCH, MIN_AUTO_BATCH = 64, 8
+
+
 @dataclass
 class BranchTrainingConfig:
     """Recipe for ``branch add`` (defaults from the source documents where they give one)."""
 
     epochs: int | None = None  # None: 40 on cached features, 3 for in-encoder strategies
     max_steps: int | None = None
-    batch_size: int = 64
+    #: None: 64, or on small data fewer rows a batch (at least 8) so an epoch is >= 8 steps
+    batch_size: int | None = None
     lr_adapter: float = 5e-4
     lr_head: float = 1e-3
     weight_decay: float = 0.01
@@ -47,6 +52,14 @@ class BranchTrainingConfig:
     early_stop: bool = True  # False: run every epoch (the best eval epoch is still what is kept)
     class_balance: bool | None = None  # None: weight the loss by class when classes are skewed
     seed: int = 0
+
+    def batch_for(self, n_train: int) -> int:
+        """The batch size for ``n_train`` training rows: the one given, else 64, or on small
+        data ``max(8, n_train // 8)`` (a few-shot set of 48 rows trains 6 steps an epoch,
+        not 1)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return min(DEFAULT_BATCH, max(MIN_AUTO_BATCH, n_train // 8))
 
 
 @dataclass
@@ -63,6 +76,8 @@ class TrainingResult:
     #: why early stopping was off, if it was ("" when it was on)
     early_stop_note: str = ""
     class_weights: list[float] | None = None
+    #: the batch size the run used (``BranchTrainingConfig.batch_for``)
+    batch_size: int = 0
 
 
 def _features(x: Tensor) -> TrunkOutput:
@@ -198,7 +213,8 @@ class _Fit:
         groups: list[dict[str, Any]] = [{"params": ps, "lr": lr} for ps, lr in pairs if ps]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.params = adapter_params + head_params
-        per_epoch = math.ceil(n_train / config.batch_size)
+        self.batch = config.batch_for(n_train)
+        per_epoch = math.ceil(n_train / self.batch)
         self.total = (
             per_epoch * (config.epochs or EPOCHS_CACHED) if config.max_steps is None else config.max_steps
         )
@@ -225,10 +241,10 @@ class _Fit:
         self.branch.train()
         perm = torch.randperm(self.n, generator=gen)
         losses = []
-        for start in range(0, self.n, config.batch_size):
+        for start in range(0, self.n, self.batch):
             if self.step >= self.total:
                 break
-            idx = perm[start : start + config.batch_size]
+            idx = perm[start : start + self.batch]
             loss = self.loss_fn(batch_logits(idx), self.train_y[idx])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -294,6 +310,7 @@ class _Fit:
             kept=self.kept,
             early_stop_note=self.stop_note,
             class_weights=self.class_weights,
+            batch_size=self.batch,
         )
 
 

@@ -64,6 +64,7 @@ def fit_record(config: BranchTrainingConfig, result: TrainingResult) -> dict[str
     """``provenance.training`` of a ``branch add``: the recipe and what the run did."""
     return {
         **config_dict(config),
+        "batch_size": result.batch_size or config.batch_size,  # the size used (auto on small data)
         "steps": result.steps,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
