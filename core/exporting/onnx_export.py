@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,8 @@ from scaler_wizard.exporting.onnx_check import (
     pooled_max_abs_diff,
 )
 from scaler_wizard.exporting.onnx_graph import ExportGraph, ExportPooled, ExportTail
-from scaler_wizard.exporting.peft_export import SkippedBranch, _check_dest
+from scaler_wizard.exporting.peft_export import SkippedBranch
+from scaler_wizard.exporting.staging import check_dest, staged
 from scaler_wizard.manifests.facts import branch_trunk_problem, trunk_id
 from scaler_wizard.modeling.base_encoder import BASE_FILES
 from scaler_wizard.modeling.compose import compose
@@ -343,7 +343,7 @@ def export_onnx(
     each matching branch's accuracy (fp32, and int8 when made), stored in ``export.json``.
     """
     dest_path = Path(dest).expanduser().absolute()
-    _check_dest(dest_path)
+    check_dest(dest_path)
     _require_onnx()
     model: ScalerModel = compose(store, model_ref, registry=registry)
     assert model.origin is not None
@@ -356,10 +356,7 @@ def export_onnx(
     targets = _eval_targets(model, names, eval_sets)
     _check_tails(model, names)
 
-    dest_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest_path.parent / f".{dest_path.name}.export-{os.getpid()}-{time.time_ns()}"
-    staging.mkdir()
-    try:
+    with staged(dest_path) as staging:
         graph_path = staging / GRAPH_FILE
         inputs = _export_graph(model, names, graph_path)
         try:
@@ -452,16 +449,6 @@ def export_onnx(
             _set_metadata(staging / INT8_FILE, _metadata(info, "int8"))
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         files = tuple(sorted(p.name for p in staging.iterdir()))
-        _check_dest(dest_path)
-        if dest_path.is_dir():
-            dest_path.rmdir()  # empty (checked): the rename below takes its place
-        try:
-            os.rename(staging, dest_path)
-        except OSError as exc:
-            raise ExportError(f"cannot move the export into {dest_path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return OnnxExportResult(
         dest=dest_path,
         model=origin.name,

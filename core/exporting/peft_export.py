@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.errors import BranchNotFoundError, ExportError, ScalerError, did_you_mean
+from scaler_wizard.exporting.staging import check_dest, staged
 from scaler_wizard.manifests.facts import base_display_name, base_hub_id, branch_trunk_problem, trunk_id
 from scaler_wizard.manifests.model import Manifest
 from scaler_wizard.modeling.base_encoder import package_model_dir
@@ -100,13 +100,6 @@ def _trunk_is_identity(store: ContentStore, manifest: Manifest) -> bool:
             if t is None or bool(t.count_nonzero()):
                 return False
     return True
-
-
-def _check_dest(dest: Path) -> None:
-    if dest.is_file() or (dest.is_symlink() and not dest.is_dir()):
-        raise ExportError(f"export destination {dest} is a file, not a folder")
-    if dest.is_dir() and any(dest.iterdir()):
-        raise ExportError(f"export destination {dest} exists and is not empty; give a new or empty folder")
 
 
 def _write_adapter(store: ContentStore, bank: str, folder: Path, *, base: str, where: str) -> None:
@@ -212,7 +205,7 @@ def export_peft(
     """
     registry = registry or get_registry()
     dest_path = Path(dest).expanduser().absolute()
-    _check_dest(dest_path)
+    check_dest(dest_path)
     name, h = resolve_version(store, model_ref)
     manifest = store.manifest(h, where=f"manifest {h.short} ({name})")
     chosen: list[str] = []
@@ -258,11 +251,8 @@ def export_peft(
     identity = _trunk_is_identity(store, manifest)
     tid = trunk_id(manifest)
 
-    dest_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest_path.parent / f".{dest_path.name}.export-{os.getpid()}-{time.time_ns()}"
-    staging.mkdir()
     exported: list[ExportedBranch] = []
-    try:
+    with staged(dest_path) as staging:
         for b in chosen:
             entry = manifest.branches[b]
             where = f"branches.{b}.adapter_bank"
@@ -292,16 +282,6 @@ def export_peft(
             )
             (folder / "README.md").write_text(_readme(b, info, base_folder), encoding="utf-8")
             exported.append(ExportedBranch(b, entry.strategy.plugin, dest_path / b))
-        _check_dest(dest_path)
-        if dest_path.is_dir():
-            dest_path.rmdir()  # empty (checked): the rename below takes its place
-        try:
-            os.rename(staging, dest_path)
-        except OSError as exc:
-            raise ExportError(f"cannot move the export into {dest_path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(
         dest=dest_path,
         model=name,

@@ -23,16 +23,14 @@ from typing import Any
 import torch
 
 from scaler_wizard.banks import ContentStore
-from scaler_wizard.errors import ConflictError, GrowthError, ModelNotFoundError
+from scaler_wizard.errors import GrowthError, ModelNotFoundError
+from scaler_wizard.growth.commit import commit_trunk
 from scaler_wizard.growth.operators import Operator
-from scaler_wizard.manifests.facts import is_stale, trunk_id_of, trunk_ids
+from scaler_wizard.manifests.facts import is_stale, trunk_ids
 from scaler_wizard.manifests.model import BranchEntry, Manifest, thaw
 from scaler_wizard.modeling.compose import compose
 from scaler_wizard.modeling.fingerprint import PROBE_SET, PROBE_TEXTS
 from scaler_wizard.modeling.model import ScalerModel, Trunk
-from scaler_wizard.modeling.saving import build_manifest
-from scaler_wizard.versions.builder import with_trunk
-from scaler_wizard.versions.history import next_version
 
 #: the largest |delta logits| an expansion may cause on any branch (float32)
 TOLERANCE = 1e-5
@@ -187,35 +185,23 @@ def expand(
         )
     if dry_run:
         return result
-    with store.lock():
-        store.clean_temp(stale_only=True)
-        current = store.get_ref(name)
-        if current != head:
-            raise ConflictError(
-                f"model {name!r} moved to {current} while expanding {head}: run it again", model=name
-            )
-        version = next_version(store, name, parent.version)
-        message = _message(op, worst, len(parent.branches))
-        drafted = build_manifest(  # writes the new trunk's banks (deduplicated)
-            store,
-            trunk=new_trunk,
-            branches={},
-            base_entry=parent.base,
-            parent=parent,
-            name=name,
-            version=version,
-            message=message,
-            previous=parent,
-        )
-        new_tid = trunk_id_of(parent.base, drafted.trunk)
-        record = {"operator": op.name, "arguments": op.arguments(), "since_version": version}
+
+    def rerecord(new_tid: str, version: int) -> tuple[dict[str, BranchEntry], list[str]]:
+        record: dict[str, Any] = {"operator": op.name, "arguments": op.arguments(), "since_version": version}
         if op.details():
             record["details"] = op.details()
-        entries, moved = _rerecord(parent, new_tid, record, deltas)
-        manifest = with_trunk(parent, drafted.trunk, message=message, branches=entries, version=version)
-        h = store.put_manifest(manifest)
-        store.set_ref(name, h, expected=current, reason=message)
-    result.manifest, result.version, result.new_trunk, result.rerecorded = str(h), version, new_tid, moved
+        return _rerecord(parent, new_tid, record, deltas)
+
+    message = _message(op, worst, len(parent.branches))
+    done = commit_trunk(
+        store, name, str(head), parent, new_trunk, message=message, doing="expanding", rerecord=rerecord
+    )
+    result.manifest, result.version, result.new_trunk, result.rerecorded = (
+        done.manifest,
+        done.version,
+        done.new_trunk,
+        done.rerecorded,
+    )
     return result
 
 

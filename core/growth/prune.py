@@ -30,22 +30,20 @@ import torch
 
 from scaler_wizard.banks import ContentStore
 from scaler_wizard.branch import shared_base_layers
-from scaler_wizard.errors import ConflictError, DataError, GrowthError, ModelNotFoundError
+from scaler_wizard.errors import DataError, GrowthError, ModelNotFoundError
+from scaler_wizard.growth.commit import commit_trunk
 from scaler_wizard.growth.experts import SUPPORTED_GATINGS
-from scaler_wizard.manifests.facts import is_stale, trunk_id_of, trunk_ids
+from scaler_wizard.manifests.facts import is_stale, trunk_ids
 from scaler_wizard.manifests.model import BranchEntry, Manifest, thaw
 from scaler_wizard.modeling.compose import compose, new_trunk_layer
 from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.modeling.model import ScalerModel, Trunk
-from scaler_wizard.modeling.saving import build_manifest
 from scaler_wizard.moe import MoELayer
 from scaler_wizard.training.config import BranchSpec
 from scaler_wizard.training.data import FORMATS, load_labelled
 from scaler_wizard.training.metrics import classification_metrics
 from scaler_wizard.training.readers import read_columns
 from scaler_wizard.training.targets import label_targets
-from scaler_wizard.versions.builder import with_trunk
-from scaler_wizard.versions.history import next_version
 
 _OP = "prune"
 _BATCH = 32
@@ -399,30 +397,12 @@ def prune(
     finally:
         model.trunk = old_trunk
     sizes = ", ".join(f"{p.layer}: {len(p.utilization)}->{len(p.kept)}" for p in plans if p.removed)
-    with store.lock():
-        store.clean_temp(stale_only=True)
-        current = store.get_ref(name)
-        if current != head:
-            raise ConflictError(
-                f"model {name!r} moved to {current} while pruning {head}: run it again", model=name
-            )
-        version = next_version(store, name, parent.version)
-        message = (
-            f"prune experts below utilization {threshold:g} (layers {sizes}; "
-            f"max |delta logits| {result.max_delta:.3g})"
-        )
-        drafted = build_manifest(  # writes the new trunk's banks (deduplicated)
-            store,
-            trunk=new_trunk,
-            branches={},
-            base_entry=parent.base,
-            parent=parent,
-            name=name,
-            version=version,
-            message=message,
-            previous=parent,
-        )
-        new_tid = trunk_id_of(parent.base, drafted.trunk)
+    message = (
+        f"prune experts below utilization {threshold:g} (layers {sizes}; "
+        f"max |delta logits| {result.max_delta:.3g})"
+    )
+
+    def rerecord(new_tid: str, version: int) -> tuple[dict[str, BranchEntry], list[str]]:
         record = {
             "operator": _OP,
             "arguments": {"min_utilization": threshold, "text_column": text_column},
@@ -430,11 +410,17 @@ def prune(
             "data": {"path": str(data), "sha256": result.data_sha256, "texts": len(texts), "tokens": tokens},
             "details": result.layers,
         }
-        entries, moved = _rerecord(parent, new_tid, record, deltas, accuracy, fingerprints)
-        manifest = with_trunk(parent, drafted.trunk, message=message, branches=entries, version=version)
-        h = store.put_manifest(manifest)
-        store.set_ref(name, h, expected=current, reason=message)
-    result.manifest, result.version, result.new_trunk, result.rerecorded = str(h), version, new_tid, moved
+        return _rerecord(parent, new_tid, record, deltas, accuracy, fingerprints)
+
+    done = commit_trunk(
+        store, name, str(head), parent, new_trunk, message=message, doing="pruning", rerecord=rerecord
+    )
+    result.manifest, result.version, result.new_trunk, result.rerecorded = (
+        done.manifest,
+        done.version,
+        done.new_trunk,
+        done.rerecorded,
+    )
     return result
 
 
