@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 .venv/bin/mypy
 .venv/bin/lint-imports  # the part rules: [tool.importlinter] in pyproject.toml
 set +e
-.venv/bin/pytest -q -p no:cacheprovider "$@"
+.venv/bin/pytest -q -p no:cacheprovider --durations=20 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

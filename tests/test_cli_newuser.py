@@ -137,6 +137,8 @@ def test_epoch_total_follows_steps_and_a_cache_hit_is_reported(store_path: Path,
             str(SMS_SMALL),
             "--steps",
             "5",
+            "--batch-size",
+            "64",  # (the default on 180 rows is 22 a batch: small data)
             "--store",
             str(store_path),
         )

@@ -174,4 +174,8 @@ def test_readme_bash_blocks_run_as_written(tmp_path: Path) -> None:
     for needle in ("added branch spam", "added branch trec", "added branch spam2", "accuracy", "ok: demo"):
         assert needle in proc.stdout, needle
     store = ContentStore.open(tmp_path / "scaler-store")
-    assert store.get_manifest(store.resolve("demo"))["version"] == 2  # `scaler rollback demo 2`
+    # `scaler rollback demo 2`, then `expand` (v5, on v2) and `teacher add` (v6)
+    current = store.get_manifest(store.resolve("demo"))
+    expanded = store.get_manifest(current["parent"])
+    assert current["version"] == 6 and "minilm" in current["teachers"]
+    assert expanded["version"] == 5 and store.get_manifest(expanded["parent"])["version"] == 2
