@@ -136,4 +136,4 @@ class Branch(nn.Module):
 def shared_base_layers(modules: Iterable[Branch]) -> int:
     """How many base layers below the last the shared pass must carry for ``modules``: the
     most any of them reads (each takes its own last ``n``, so the others do not change it)."""
-    return max((int(m.adapter.base_layers) for m in modules), default=0)
+    return max((int(getattr(m.adapter, "base_layers", 0)) for m in modules), default=0)
