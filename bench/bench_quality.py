@@ -12,6 +12,11 @@ listed when their packages are importable; this script does not install them (an
 run by them): they are reported as "not installed" or "not run".
 
     python bench/bench_quality.py [--tasks trec,sms_spam] [--out bench/results/quality.json]
+
+``--alternatives all`` (or a comma list of full-ft, peft-lora, adapters, setfit, setfit-8shot)
+also runs those methods on the same split in their own venv (bench/quality_alternatives.py,
+scripts/setup_alternatives.sh) and merges their rows; ``--limit N`` cuts their parts to N rows
+(smoke runs). A plot of accuracy against training time goes next to the JSON (``--plot``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,9 @@ from scaler_wizard.caches.features import cached_features
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.compose import compose, init_model, new_branch, trunk_id
 from scaler_wizard.training.branch_fit import BranchTrainingConfig, predict_logits, train_branch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_alternatives
 
 REPO = Path(__file__).resolve().parent.parent
 #: (label, strategy, config): ours, each trained the way ``branch add`` trains it
@@ -61,7 +70,12 @@ def branch_bytes(branch: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in branch.state_dict().values())
 
 
-def run_task(store: ContentStore, task: str, selected: set[str] | None = None) -> list[dict[str, Any]]:
+def run_task(
+    store: ContentStore,
+    task: str,
+    selected: set[str] | None = None,
+    alternatives: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     model = compose(store, "demo")
     assert model.origin is not None
     tid = trunk_id(model.origin.manifest)
@@ -70,6 +84,26 @@ def run_task(store: ContentStore, task: str, selected: set[str] | None = None) -
     fit, val = train_test_split(train, test_size=0.1, random_state=0, stratify=train["label"])
     labels = sorted(df["label"].unique())
     index = {lab: i for i, lab in enumerate(labels)}
+    if alternatives is not None:
+        split_file = quality_alternatives.write_split(
+            Path(alternatives["dir"]) / f"split-{task}.json", task, labels, fit, val, test
+        )
+        # the alternatives train in their own processes while ours train here (a busy machine
+        # either way: compare CPU seconds, and wall seconds only within one run)
+        others: list[dict[str, Any]] = []
+        worker = threading.Thread(
+            target=lambda: others.extend(
+                quality_alternatives.run_alternatives(
+                    split_file,
+                    alternatives["names"],
+                    limit=alternatives["limit"],
+                    jobs=alternatives["jobs"],
+                    threads=alternatives["threads"],
+                    pairs=alternatives["pairs"],
+                )
+            )
+        )
+        worker.start()
 
     def y(part: pd.DataFrame) -> torch.Tensor:
         return torch.tensor([index[lab] for lab in part["label"]])
@@ -114,6 +148,7 @@ def run_task(store: ContentStore, task: str, selected: set[str] | None = None) -
                 "train_wall_s": time.perf_counter() - t0,
                 "train_cpu_s": cpu_seconds() - c0,
                 "feature_wall_s": seconds[kind, layers][0],
+                "feature_cpu_s": seconds[kind, layers][1],
                 "bytes_per_branch": branch_bytes(branch),
                 "epochs": result.epochs_run,
                 "best_epoch": result.best_epoch,
@@ -135,10 +170,14 @@ def run_task(store: ContentStore, task: str, selected: set[str] | None = None) -
             "train_wall_s": time.perf_counter() - t0,
             "train_cpu_s": cpu_seconds() - c0,
             "feature_wall_s": seconds["pooled", 0][0],
+            "feature_cpu_s": seconds["pooled", 0][1],
             "bytes_per_branch": int(clf.coef_.size + clf.intercept_.size) * 8,
         }
     )
     print(json.dumps(rows[-1]), flush=True)
+    if alternatives is not None:
+        worker.join()
+        return rows + others
     for name, module in OTHERS.items():
         status = (
             "not run (needs its own training script)" if importlib.util.find_spec(module) else "not installed"
@@ -155,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strategies", default="", help="comma-separated labels of ours to run (default: all)"
     )
+    parser.add_argument(
+        "--alternatives",
+        default="",
+        help="'all' or a comma list of " + ",".join(quality_alternatives.RUNNERS) + " (run in .venv-alt)",
+    )
+    parser.add_argument("--limit", type=int, default=0, help="alternatives: first N rows of each part")
+    parser.add_argument("--jobs", type=int, default=1, help="alternatives run at once")
+    parser.add_argument("--alt-threads", type=int, default=1, help="torch threads per alternative")
+    parser.add_argument("--setfit-pairs", type=int, default=2000, help="SetFit full data: pairs bound")
+    parser.add_argument("--plot", type=Path, default=None, help="default: the JSON path with .png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     root = args.store or Path(tempfile.mkdtemp(prefix="bench-quality-")) / "store"
@@ -164,24 +213,46 @@ def main(argv: list[str] | None = None) -> int:
     except ScalerError:
         init_model(store, "demo", seed=0)
     selected = {s for s in args.strategies.split(",") if s} or None
-    rows = [row for task in args.tasks.split(",") for row in run_task(store, task, selected)]
+    alternatives = None
+    if args.alternatives:
+        names = (
+            list(quality_alternatives.RUNNERS) if args.alternatives == "all" else args.alternatives.split(",")
+        )
+        unknown = [n for n in names if n not in quality_alternatives.RUNNERS]
+        if unknown:
+            parser.error(f"unknown alternatives: {','.join(unknown)}")
+        alternatives = {
+            "names": names,
+            "dir": tempfile.mkdtemp(prefix="bench-quality-split-"),
+            "limit": args.limit,
+            "jobs": args.jobs,
+            "threads": args.alt_threads,
+            "pairs": args.setfit_pairs,
+        }
+    rows = [row for task in args.tasks.split(",") for row in run_task(store, task, selected, alternatives)]
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average": os.getloadavg(),
         "split": "train_test_split(test_size=0.2, random_state=0, stratify=label); val = 10% of train",
+        "alternatives": {k: v for k, v in (alternatives or {}).items() if k != "dir"} or None,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n| task | method | accuracy | macro-F1 | train s | bytes/branch |\n|---|---|---|---|---|---|")
+    figure = quality_alternatives.plot(rows, args.plot or args.out.with_suffix(".png"))
+    print(f"plot: {figure}" if figure else "plot: matplotlib not installed")
+    print(
+        "\n| task | method | accuracy | macro-F1 | train wall s | train CPU s | bytes/branch |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         if "accuracy" in r:
             print(
                 f"| {r['task']} | {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
-                f"{r['train_wall_s']:.1f} | {r['bytes_per_branch']} |"
+                f"{r['train_wall_s']:.1f} | {r['train_cpu_s']:.1f} | {r['bytes_per_branch']} |"
             )
         else:
-            print(f"| {r['task']} | {r['method']} | {r['status']} | | | |")
+            print(f"| {r['task']} | {r['method']} | {r['status']} | | | | |")
     return 0
 
 

@@ -15,7 +15,7 @@ import typer
 from scaler_wizard.cli.state import open_store, out, print_json
 
 expand_app = typer.Typer(
-    help="Grow a model's trunk (more experts, a new MoE layer, wider experts), proven function-preserving.",
+    help="Grow a model (more experts, a new MoE layer, wider experts, a deeper base), proven function-preserving.",
     no_args_is_help=True,
 )
 
@@ -159,3 +159,49 @@ def widen(
     from scaler_wizard.growth.operators import Widen
 
     _run(model, Widen(hidden=hidden, layer=layer, method=method, seed=seed), probe, dry_run, as_json)
+
+
+@expand_app.command("add-base-layer")
+def add_base_layer(
+    model: _Model,
+    at: Annotated[
+        int | None,
+        typer.Option("--at", help="Insert before this base block (default: on top, after the last)."),
+    ] = None,
+    probe: _Probe = None,
+    dry_run: _DryRun = False,
+    as_json: _Json = False,
+) -> None:
+    """Grow the base in depth: a copy of a neighbouring block with its output projections zeroed
+    (LLaMA-Pro), as a new base bank. Pre-LN bases only (a post-LN block is never the identity)."""
+    from scaler_wizard.growth.base_grow import add_base_layer as grow_base
+    from scaler_wizard.growth.expand import read_probe_file
+
+    store = open_store()
+    texts = read_probe_file(probe) if probe is not None else None
+    result = grow_base(store, model, at=at, probe_texts=texts, dry_run=dry_run)
+    if as_json:
+        print_json(result.to_json())
+        return
+    d = result.details[0]
+    per = ", ".join(f"{n} {v:.2e}" for n, v in sorted(result.deltas.items()))
+    check = (
+        f"max |delta logits| {result.max_delta:.2e} <= {result.tolerance:.0e} over {result.probes} probe "
+        f"texts ({per})"
+    )
+    what = (
+        f"block {d['at']} = copy of block {d['copied_from']} with {', '.join(d['zeroed'])} zeroed, "
+        f"{d['layers'][0]} -> {d['layers'][1]} blocks"
+    )
+    if result.manifest is None:
+        out.print(
+            f"{model}: add-base-layer ({what}) would preserve the model: {check}; nothing stored",
+            markup=False,
+        )
+        return
+    out.print(f"expanded {model}: add-base-layer -> v{result.version} {result.manifest}", markup=False)
+    out.print(f"  {what}; the new block adds max {d['identity_delta']:.2e} to its input", markup=False)
+    out.print(f"  {check}", markup=False)
+    moved = ", ".join(result.rerecorded) or "none"
+    out.print(f"  branches re-recorded on the new trunk {str(result.new_trunk)[:19]}: {moved}", markup=False)
+    out.print(f"  undo: scaler rollback {model} {result.parent_version}", markup=False)

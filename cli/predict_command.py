@@ -96,6 +96,15 @@ def predict(
             help="torch, onnx or onnx-int8 (ONNX Runtime; graphs exported once, cached in the store)."
         ),
     ] = "torch",
+    engine: Annotated[
+        str, typer.Option(help="local, or ray: --data on a Ray cluster (pip install 'scaler-wizard[ray]').")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address for --engine ray (default: a local instance).")
+    ] = None,
+    actors: Annotated[
+        int | None, typer.Option(min=1, help="Ray actors for --engine ray (default 2).")
+    ] = None,
 ) -> None:
     """Label texts with one or more branches (label + confidence)."""
     if data is not None:
@@ -107,6 +116,24 @@ def predict(
             raise typer.BadParameter("--json/--jsonl print to stdout: leave them out with --output")
     elif output is not None or fmt is not None:
         raise typer.BadParameter("--output and --format go with --data FILE")
+    from scaler_wizard.cli.predict_ray import check_engine_options, predict_on_ray
+
+    check_engine_options(engine, address, actors, data)
+    if engine == "ray" and data is not None:
+        predict_on_ray(
+            model,
+            data=data,
+            output=output,
+            branch=branch,
+            all_branches=all_branches,
+            text_column=text_column,
+            fmt=fmt,
+            batch_size=batch_size,
+            backend=backend,
+            address=address,
+            actors=actors,
+        )
+        return
     from scaler_wizard.modeling.compose import compose
 
     items: list[str] = []

@@ -250,6 +250,19 @@ class GrowthError(ScalerError):
         self.max_delta = max_delta
 
 
+class ManifestMismatchError(ScalerError):
+    """A worker (``scaler predict --engine ray``) would compose another manifest than the one
+    pinned at submit time: its store lacks that manifest, or holds other bytes under its hash.
+
+    ``expected``: the manifest hash pinned at submit; ``found``: what the worker read there
+    (None when its store has no such manifest)."""
+
+    def __init__(self, message: str, *, expected: str | None = None, found: str | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.found = found
+
+
 def did_you_mean(name: str, existing: list[str] | tuple[str, ...] | set[str]) -> str:
     """A short suffix listing what exists, for not-found messages."""
     names = sorted(existing)
@@ -275,6 +288,7 @@ __all__ = [
     "HubError",
     "IntegrityError",
     "ManifestError",
+    "ManifestMismatchError",
     "ModelNotFoundError",
     "PluginError",
     "ScalerError",

@@ -35,6 +35,11 @@ class Gating(nn.Module):
     def forward(self, x: Tensor) -> Routing:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def experts_per_token(self) -> int | None:
+        """At most how many experts a token is sent to at inference, when that is fixed (top-k:
+        ``k``); ``None`` when it varies. The ONNX export uses it for a gather-only dispatch."""
+        return None
+
 
 def load_balancing_loss(probs: Tensor, assigned: Tensor, k: int) -> Tensor:
     """Switch-Transformer balance loss generalised to top-k: ``E * sum_e f_e * P_e``.

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from scaler_wizard.errors import ManifestError
+from scaler_wizard.manifests.base_records import BaseGrowth, BaseInspection
 from scaler_wizard.manifests.validation import (
     MANIFEST_FORMAT,
     MANIFEST_FORMAT_VERSION,
@@ -191,12 +192,16 @@ class BaseEntry:
     hidden_size: int
     max_length: int
     model_type: str | None = None
+    inspection: BaseInspection | None = None  # (issue 13) absent in older manifests
+    growth: tuple[BaseGrowth, ...] = ()  # (issue 13) inserted base layers, oldest first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
+        object.__setattr__(self, "growth", tuple(self.growth))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BaseEntry:
+        inspection = d.get("inspection")
         return cls(
             bank=d["bank"],
             files=d["files"],
@@ -205,6 +210,8 @@ class BaseEntry:
             hidden_size=d["hidden_size"],
             max_length=d["max_length"],
             model_type=d.get("model_type"),
+            inspection=None if inspection is None else BaseInspection.from_dict(inspection),
+            growth=tuple(BaseGrowth.from_dict(g) for g in d.get("growth") or ()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,7 +224,18 @@ class BaseEntry:
             "max_length": self.max_length,
         }
         _optional(out, "model_type", self.model_type)
+        if self.inspection is not None:
+            out["inspection"] = self.inspection.to_dict()
+        if self.growth:
+            out["growth"] = [g.to_dict() for g in self.growth]
         return out
+
+    def inserted_layers(self) -> list[int]:
+        """Indices (in this base) of the layers ``growth`` inserted, ascending."""
+        inserted: list[int] = []
+        for g in self.growth:
+            inserted = [i + 1 if i >= g.at else i for i in inserted] + [g.at]
+        return sorted(inserted)
 
 
 @dataclass(frozen=True)
@@ -450,6 +468,8 @@ def parse_manifest(
 
 __all__ = [
     "BaseEntry",
+    "BaseGrowth",
+    "BaseInspection",
     "BaseSource",
     "BranchEntry",
     "HubSource",

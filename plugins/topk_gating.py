@@ -56,6 +56,9 @@ class TopKGating(Gating):
             return None
         return max(1, math.ceil(cf * n_tokens * self.config.k / self.num_experts))
 
+    def experts_per_token(self) -> int | None:
+        return int(self.config.k)
+
     def forward(self, x: Tensor) -> Routing:
         logits = self.router(x)  # (N, E)
         probs = F.softmax(logits, dim=-1)
@@ -90,6 +93,9 @@ class SwitchGating(Gating):
         self.config = config
         self.num_experts = num_experts
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def experts_per_token(self) -> int | None:
+        return 1
 
     def forward(self, x: Tensor) -> Routing:
         if self.training and self.config.jitter > 0:

@@ -63,6 +63,7 @@ def test_onnx_graph_matches_torch_for_every_branch_kind(legacy_root: Path, expor
     import onnxruntime as ort
 
     from scaler_wizard import compose
+    from scaler_wizard.exporting.onnx_export import EXPORTER_VERSION
     from scaler_wizard.exporting.peft_export import _trunk_is_identity
 
     store = ContentStore.open(legacy_root)
@@ -100,14 +101,16 @@ def test_onnx_graph_matches_torch_for_every_branch_kind(legacy_root: Path, expor
         assert (exported / name).is_file()
     assert not (exported / "model.int8.onnx").exists()
     info = json.loads((exported / "export.json").read_text())
-    assert info["manifest_hash"] == str(store.resolve("legacy")) and info["exporter_version"] == 1
+    assert (
+        info["manifest_hash"] == str(store.resolve("legacy")) and info["exporter_version"] == EXPORTER_VERSION
+    )
     assert {b["name"]: b["labels"] for b in info["branches"]} == {
         b: list(manifest.branches[b].labels) for b in manifest.branches
     }
     assert all(b["max_abs_diff"] <= 1e-4 for b in info["branches"])
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["scaler.manifest"] == info["manifest_hash"]
-    assert meta["scaler.exporter_version"] == "1" and meta["scaler.precision"] == "fp32"
+    assert meta["scaler.exporter_version"] == str(EXPORTER_VERSION) and meta["scaler.precision"] == "fp32"
     assert json.loads(meta["scaler.labels.enc"]) == ["ham", "spam"]
     assert set(json.loads(meta["scaler.branches"])) == {"enc", "lin", "seed", "spam"}
     assert not list(exported.parent.glob(".out.export-*"))

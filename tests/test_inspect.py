@@ -209,3 +209,53 @@ def test_init_refuses_an_unsupported_base(tmp_path: Path) -> None:
     )
     assert "decoder" in line
     assert not (tmp_path / "store").exists()  # refused before the store is touched
+
+
+# -- the inspection recorded in the manifest (base.inspection) ------------------------------
+
+
+@pytest.mark.slow
+def test_init_records_the_inspection_and_old_manifests_keep_their_bytes(tmp_path: Path) -> None:
+    """``scaler init`` (real subprocess, inside ``restore_legacy_store``) writes
+    ``base.inspection``; the legacy fixture's manifests, written before it existed, keep their
+    exact bytes, still validate, and compose; ``inspect`` / ``show`` read the record."""
+    import os
+
+    from conftest import LEGACY, restore_legacy_store
+
+    from scaler_wizard.banks import ContentStore
+    from scaler_wizard.manifests.model import canonical_json, parse_manifest
+    from scaler_wizard.modeling.compose import compose
+
+    before = {p.name: p.read_bytes() for p in (LEGACY / "store" / "manifests").rglob("*") if p.is_file()}
+    root = restore_legacy_store(tmp_path / "store")  # runs `scaler init restore-base`
+    store = ContentStore.open(root)
+    # the new model records what was detected, field by field
+    fresh = store.get_manifest(store.resolve("restore-base"))
+    expected = {
+        "family": "encoder", "norm": "LayerNorm", "placement": "post-LN", "attention": "MHA",
+        "heads": 12, "kv_heads": 12, "positions": "learned absolute", "activation": "gelu",
+        "hidden_size": 384, "ffn_size": 1536, "layers": 6, "parameters": 22_713_216,
+        "supported": True,
+    }  # fmt: skip
+    assert {k: fresh["base"]["inspection"][k] for k in expected} == expected
+    assert fresh["base"]["inspection"]["reason"]
+    # the legacy manifests: byte for byte as in the fixture, valid, round-trip, no inspection
+    for name, data in before.items():
+        stored = next(p for p in (root / "manifests").rglob(name) if p.is_file()).read_bytes()
+        assert stored == data
+        m = parse_manifest(data)
+        assert canonical_json(m.to_dict()) == data
+        if m.name == "legacy":
+            assert m.base.inspection is None and "inspection" not in m.to_dict()["base"]
+    compose(store, "legacy")  # still composes
+    old, source = inspect_base("legacy", root)  # no record: detected from its config.json
+    assert "from" not in source and old.layers == 6 and "forward hooks" in old.evidence["placement"]
+    recorded, source = inspect_base("restore-base", root)
+    assert source["from"] == "manifest" and recorded.record() == fresh["base"]["inspection"]
+    assert recorded.evidence["placement"].startswith("recorded in the manifest")
+    env = {**os.environ, "SCALER_HOME": str(root), "HF_HUB_OFFLINE": "1"}
+    shown = run_scaler("show", "restore-base", env=env)
+    assert shown.returncode == 0 and "encoder, post-LN LayerNorm, MHA (12 heads)" in shown.stdout
+    as_json = json.loads(run_scaler("inspect", "restore-base", "--json", env=env).stdout)
+    assert as_json["source"]["from"] == "manifest" and as_json["parameters"] == 22_713_216

@@ -47,7 +47,7 @@ from scaler_wizard.banks import ContentStore
 from scaler_wizard.branch import Branch, Prediction, TrunkOutput
 from scaler_wizard.errors import ExportError
 from scaler_wizard.exporting.onnx_cache import graph_key, read_graph, write_graph
-from scaler_wizard.exporting.onnx_check import probe_batches, torch_logits
+from scaler_wizard.exporting.onnx_check import probe_batches, quantize_int8, torch_logits
 from scaler_wizard.exporting.onnx_export import (
     EXPORTER_VERSION,
     OPSET,
@@ -168,12 +168,10 @@ def _trace(
 
 
 def _quantize(data: bytes) -> bytes:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     with tempfile.TemporaryDirectory(prefix="scaler-onnx-int8-") as tmp, _quiet():
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(data)
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_int8(src, dst)
         return dst.read_bytes()
 
 

@@ -146,6 +146,14 @@ def accuracy(preds: Sequence[int], labels: Sequence[str], names: Sequence[str]) 
     return hits / max(len(labels), 1)
 
 
+def quantize_int8(src: Path, dst: Path) -> None:
+    """``src`` graph -> ``dst`` with int8 weights (per output channel) and dynamic uint8
+    activations (``quantize_dynamic``): what ``--int8`` and ``--backend onnx-int8`` run."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+
+
 __all__ = [
     "EvalSet",
     "accuracy",
@@ -156,6 +164,7 @@ __all__ = [
     "open_session",
     "pooled_max_abs_diff",
     "probe_batches",
+    "quantize_int8",
     "session_logits",
     "torch_logits",
 ]

@@ -45,6 +45,7 @@ from scaler_wizard.exporting.onnx_check import (
     onnx_predictions,
     open_session,
     pooled_max_abs_diff,
+    quantize_int8,
 )
 from scaler_wizard.exporting.onnx_graph import ExportGraph, ExportPooled, ExportTail
 from scaler_wizard.exporting.peft_export import SkippedBranch
@@ -56,7 +57,7 @@ from scaler_wizard.modeling.model import ScalerModel
 from scaler_wizard.plugin_manager import Registry
 
 #: The version of this exporter (graph layout, metadata keys): a backend cache keys on it.
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2
 #: Largest max |Δ logits| (fp32 ONNX vs torch) an export accepts.
 TOLERANCE = 1e-4
 OPSET = 17
@@ -376,11 +377,9 @@ def export_onnx(
         int8_diffs: dict[str, float] = {}
         int8_session = None
         if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
             try:
                 with _quiet():
-                    quantize_dynamic(str(graph_path), str(staging / INT8_FILE), weight_type=QuantType.QInt8)
+                    quantize_int8(graph_path, staging / INT8_FILE)
                 int8_session = open_session(staging / INT8_FILE)
             except Exception as exc:  # the quantizer and onnxruntime raise many types
                 raise ExportError(f"int8 quantization failed: {_first_line(exc)}") from exc

@@ -67,6 +67,13 @@ class Architecture:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """The fields a manifest records as ``base.inspection`` (no evidence, no model_type)."""
+        from scaler_wizard.manifests.model import BaseInspection
+
+        values = self.to_dict()
+        return {k: values[k] for k in BaseInspection.FIELDS}
+
 
 def _cfg(config: Any, *names: str) -> Any:
     for name in names:

@@ -60,6 +60,8 @@ def _store_model(spec: str, store_root: str | Path | None) -> tuple[Any, dict[st
         raise ScalerError(f"model {spec}: its base has no config.json in the store")
     config = _read_config_file(store.verified_path(h), f"model {spec} base")
     source = {"type": "model", "model": version.name, "version": version.number, "base": base["source"]}
+    if isinstance(base.get("inspection"), dict):  # (issue 13) what init / expand recorded
+        source["recorded"] = version.manifest
     return config, source
 
 
@@ -107,6 +109,12 @@ def inspect_base(
 
     hf_logging.set_verbosity_error()
     config, source = find_config(spec, store_root, models=models)
+    recorded = source.pop("recorded", None)
+    if recorded is not None:  # a composed model: what its manifest records, nothing rebuilt
+        arch = recorded_inspection(recorded)
+        if arch is not None:
+            source["from"] = "manifest"
+            return arch, source
     try:
         module = build_meta(config)
     except Exception as exc:
@@ -114,8 +122,28 @@ def inspect_base(
     return detect(config, module), source
 
 
-def check_composable(spec: str | None) -> None:
-    """Refuse (one line) a base the composition cannot use, saying why (``scaler init``)."""
+def check_composable(spec: str | None) -> Architecture:
+    """Refuse (one line) a base the composition cannot use, saying why (``scaler init``);
+    return what was detected (``scaler init`` records it in the manifest, ``base.inspection``)."""
     arch, _ = inspect_base(spec, models=False)
     if not arch.supported:
         raise ScalerError(f"cannot compose on base {spec}: {arch.reason}")
+    return arch
+
+
+def recorded_inspection(manifest: Any) -> Architecture | None:
+    """The architecture a manifest's ``base.inspection`` records (None when it has none: a
+    manifest written before issue 13). ``evidence`` says where it came from."""
+    from scaler_wizard.manifests.model import as_manifest
+
+    m = as_manifest(manifest)
+    rec = m.base.inspection
+    if rec is None:
+        return None
+    fields = rec.to_dict()
+    where = f"recorded in the manifest (base.inspection, base bank {m.base.bank[7:19]})"
+    return Architecture(
+        model_type=m.base.model_type or m.base.architecture,
+        evidence={k: where for k in fields},
+        **fields,
+    )

@@ -363,8 +363,12 @@ def init_model(
     gating_config: dict[str, Any] | None = None,
     seed: int = 0,
     registry: Registry | None = None,
+    inspection: Mapping[str, Any] | None = None,
 ) -> BankHash:
-    """Create version 1 of a model: the base banked, a fresh (identity) MoE trunk, no branches."""
+    """Create version 1 of a model: the base banked, a fresh (identity) MoE trunk, no branches.
+
+    ``inspection``: what ``scaler inspect`` detected about the base, recorded as
+    ``base.inspection`` (issue 13; ``scaler init`` passes it)."""
     validate_name(name)
     if store.get_ref(name) is not None:
         raise ConflictError(f"model {name!r} already exists in {store.root}", model=name)
@@ -372,6 +376,8 @@ def init_model(
     located = locate_base(base)
     with store.lock():
         base_entry, pooling = import_base(store, located)
+    if inspection is not None:
+        base_entry["inspection"] = dict(inspection)
     cfg = dict(gating_config or {})
     # ``top_k`` goes to the config field a gating plugin names as its experts per token
     # (``top_k_field`` on its factory, e.g. topk's "k"); a gating without one ignores it.
