@@ -286,7 +286,7 @@ def test_every_imported_package_is_a_declared_dependency() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     declared = {_requirement_name(d) for d in project["dependencies"]}
-    for extra in ("train", "serve", "onnx"):
+    for extra in ("train", "serve", "onnx", "ray"):
         declared |= {_requirement_name(d) for d in project["optional-dependencies"][extra]}
     distributions = importlib.metadata.packages_distributions()
     modules = _imported_top_level_modules()
