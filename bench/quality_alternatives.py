@@ -129,7 +129,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     for r in rows:
         if "accuracy" not in r:
             continue
-        seconds = max(float(r["train_cpu_s"]) + float(r.get("feature_cpu_s", 0.0)), 0.01)
+        train = r.get("train_cpu_s", r.get("train_wall_s", 0.0))  # older rows: wall only
+        seconds = max(float(train) + float(r.get("feature_cpu_s", 0.0)), 0.01)
         ours = str(r["method"]).startswith("ours")
         ax.scatter(
             seconds,

@@ -48,7 +48,7 @@ def test_missing_venv_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     rows = [
-        {"task": "trec", "method": "ours: attn-mix", "accuracy": 0.93, "train_wall_s": 40.0},
+        {"task": "trec", "method": "ours: attn-mix", "accuracy": 0.93, "train_cpu_s": 40.0},
         {"task": "trec", "method": "full fine-tuning", "accuracy": 0.94, "train_wall_s": 300.0},
         {"task": "trec", "method": "SetFit", "status": "not run"},
     ]
