@@ -267,3 +267,26 @@ def test_slow_answer_gets_503(scaler_env: dict[str, str]) -> None:
         assert httpx.get(f"{server.url}/healthz").status_code == 200
     finally:
         running.close()
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[], [5], [40] * 16, [3, 300, 4, 290, 5, 310, 6, 280], list(range(1, 200, 7)), [10, 10, 500]],
+)
+def test_length_groups_cover_every_row_once_in_length_order(lengths: list[int]) -> None:
+    from scaler_wizard.serving.batching import PASS_COST_CHARS, length_groups
+
+    groups = length_groups(lengths)
+    flat = [i for g in groups for i in g]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)  # passes of similar length, in order
+
+    def cost(gs: list[list[int]]) -> int:
+        return sum(PASS_COST_CHARS + len(g) * max(lengths[i] for i in g) for g in gs)
+
+    if lengths:
+        assert cost(groups) <= cost([list(range(len(lengths)))])  # never worse than one pass
+    if len(set(lengths)) == 1:
+        assert len(groups) == 1
+    if lengths == [3, 300, 4, 290, 5, 310, 6, 280]:
+        assert [sorted(g) for g in groups] == [[0, 2, 4, 6], [1, 3, 5, 7]]  # short and long apart

@@ -16,6 +16,32 @@ from scaler_wizard.modeling.model import ScalerModel
 from scaler_wizard.modeling.row_routing import predict_routed
 from scaler_wizard.serving.metrics import Metrics
 
+#: the fixed cost of one more pass, in characters of padded text: a pass over n texts padded to
+#: the longest, L characters, costs about ``PASS_COST_CHARS + n * L`` (fit on 2 CPUs, MiniLM)
+PASS_COST_CHARS = 160
+
+
+def length_groups(lengths: Sequence[int], pass_cost: int = PASS_COST_CHARS) -> list[list[int]]:
+    """Split one merged batch into passes of similar length: the indices sorted by length, cut
+    where the padding saved pays for another pass (an exact split, by dynamic programming over
+    the sorted lengths; a batch of one length stays one pass)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted texts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):
+            cost = best[i] + pass_cost + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
 
 @dataclass
 class Job:
@@ -42,6 +68,7 @@ class Batcher:
         self._stop = threading.Event()
         self._submit_lock = threading.Lock()
         self._carry: Job | None = None
+        self._last = 1  # texts in the last batch: how many the next one waits for
         self._thread = threading.Thread(target=self._loop, name="scaler-batcher", daemon=True)
 
     def start(self) -> None:
@@ -71,6 +98,10 @@ class Batcher:
             self._thread.join(timeout)
 
     def _take(self) -> list[Job]:
+        """The next batch. It waits (at most ``max_wait``) only for as many texts as the last
+        batch had: a lone client is not kept waiting for company, and under steady concurrent
+        load every client's next request joins the same pass. What is queued already always
+        joins, up to ``max_batch``."""
         first = self._carry
         self._carry = None
         if first is None:
@@ -79,11 +110,15 @@ class Batcher:
             except queue.Empty:
                 return []
         jobs, n = [first], len(first.texts)
+        expect = min(self.max_batch, self._last)
         deadline = time.monotonic() + self.max_wait
         while n < self.max_batch:
             left = deadline - time.monotonic()
             try:
-                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                if n < expect and left > 0:
+                    job = self._queue.get(timeout=left)
+                else:
+                    job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if n + len(job.texts) > self.max_batch:
@@ -91,6 +126,7 @@ class Batcher:
                 break
             jobs.append(job)
             n += len(job.texts)
+        self._last = n
         return jobs
 
     def _loop(self) -> None:
@@ -109,11 +145,16 @@ class Batcher:
             self.metrics.batch(len(texts))
         # a model with its own ``predict_routed`` (the ONNX backend's, handed in by the CLI) runs it
         own = getattr(self.model, "predict_routed", None)
+        preds: list[dict[str, Prediction]] = [{} for _ in texts]
         try:
-            if own is not None:
-                preds = own(texts, rows, max(len(texts), 1))
-            else:
-                preds = predict_routed(self.model, texts, rows, batch_size=max(len(texts), 1))
+            for group in length_groups([len(t) for t in texts]):
+                g_texts, g_rows = [texts[i] for i in group], [rows[i] for i in group]
+                if own is not None:
+                    out = own(g_texts, g_rows, len(group))
+                else:
+                    out = predict_routed(self.model, g_texts, g_rows, batch_size=len(group))
+                for i, p in zip(group, out, strict=True):
+                    preds[i] = p
         except Exception as exc:
             for j in jobs:
                 j.future.set_exception(exc)
