@@ -86,6 +86,23 @@ def proposed_forward(layer: Any, hidden: Tensor, mask: Tensor) -> Tensor:
     return hidden.index_put((mask,), x + y)
 
 
+def loop_forward(layer: Any, hidden: Tensor, mask: Tensor) -> Tensor:
+    """The dispatch MoELayer used before session 22: per expert one ``nonzero``, a gather, the
+    FFN, a weight-multiply and a scatter; a (B, T, d) zero buffer for the residual. Kept to
+    compare against (bit-identical outputs)."""
+    x = hidden[mask]
+    xn = layer.norm(x)
+    combine = layer.gating(xn).combine
+    y = torch.zeros_like(x)
+    for e in (combine > 0).any(0).nonzero().flatten().tolist():
+        idx = combine[:, e].nonzero().flatten()
+        out = layer.expert(e, xn.index_select(0, idx))
+        y.index_add_(0, idx, out * combine.index_select(0, idx)[:, e : e + 1])
+    delta = torch.zeros_like(hidden)
+    delta[mask] = y
+    return hidden + delta
+
+
 def active_flops_per_token() -> int:
     """Multiply-adds x 2 of the expert/FFN matmuls (router and norms excluded)."""
     return 2 * TOP_K * (2 * HIDDEN * EXPERT_HIDDEN)
@@ -156,16 +173,25 @@ def run(*, quick: bool, threads: int) -> BenchResult:
             with torch.inference_mode():
                 return proposed_forward(moe, h, m)
 
+        def run_loop(h: Tensor = hidden, m: Tensor = mask) -> object:
+            with torch.inference_mode():
+                return loop_forward(moe, h, m)
+
         with torch.inference_mode():
             diff = (moe(hidden, mask)[0] - proposed_forward(moe, hidden, mask)).abs().max().item()
+            same = torch.equal(moe(hidden, mask)[0], loop_forward(moe, hidden, mask))
         assert diff < 1e-4, f"proposed dispatch differs from MoELayer by {diff}"
+        assert same, "MoELayer's dispatch is not bit-identical to the per-expert loop"
         res = measure_interleaved(
-            {"moe": run_moe, "dense": run_dense, "proposed": run_proposed}, warmup=warmup, repeats=repeats
+            {"moe": run_moe, "dense": run_dense, "proposed": run_proposed, "loop": run_loop},
+            warmup=warmup,
+            repeats=repeats,
         )
         m_moe, m_dense = res["moe"], res["dense"]
         measurements[f"{tag}.moe"] = m_moe
         measurements[f"{tag}.dense"] = m_dense
         measurements[f"{tag}.proposed"] = res["proposed"]
+        measurements[f"{tag}.loop"] = res["loop"]
         tokens = batch * seq
         flops = tokens * active_flops_per_token()
         details[tag] = {
@@ -204,6 +230,20 @@ def run(*, quick: bool, threads: int) -> BenchResult:
                 goal=None,
                 cpu_ratio=cpu_ratio(m_dense, res["proposed"]),
                 ours_label="proposed MoELayer.forward (bench_moe.proposed_forward)",
+                reference_label="dense FFN block forward",
+            )
+        )
+        rows.append(
+            Row(
+                name=f"moe.{tag} previous loop",
+                ours=res["loop"].median * 1e3,
+                reference=m_dense.median * 1e3,
+                unit="ms",
+                ratio=m_dense.median / res["loop"].median,
+                ratio_definition="t(dense FFN 1536) / t(per-expert loop dispatch, same weights)",
+                goal=None,
+                cpu_ratio=cpu_ratio(m_dense, res["loop"]),
+                ours_label="the per-expert loop MoELayer used before (bench_moe.loop_forward)",
                 reference_label="dense FFN block forward",
             )
         )

@@ -94,6 +94,9 @@ def run_ray(store: Path, csv_path: Path, workdir: Path, args: argparse.Namespace
     r: dict[str, Any] = {"rows": summary.rows, "seconds": end - start, "actors": args.actors}
     r["texts_per_s"] = r["rows"] / r["seconds"]
     r["first_block_s"] = first[0][1] - start
+    r["first_block_rows"] = first[0][0]
+    # the steady rate once the actors are up: the rows after the first block over the time after it
+    r["after_first_block_texts_per_s"] = (r["rows"] - first[0][0]) / max(end - first[0][1], 1e-9)
     return r
 
 
@@ -146,7 +149,10 @@ def main() -> None:
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     results: list[dict[str, Any]] = []
     try:
-        print(f"{'repeat':>6} {'case':>6} {'texts/s':>8} {'seconds':>8} {'w/o compose':>12}")
+        print(
+            f"{'repeat':>6} {'case':>6} {'texts/s':>8} {'seconds':>8} {'w/o compose':>12} "
+            f"{'after 1st block':>16}"
+        )
         for rep in range(args.repeats):
             order = ("local", "ray") if rep % 2 == 0 else ("ray", "local")
             for case in order:
@@ -157,9 +163,10 @@ def main() -> None:
                 r |= {"case": case, "repeat": rep}
                 results.append(r)
                 bare = r.get("predict_texts_per_s")
+                steady = r.get("after_first_block_texts_per_s")
                 print(
                     f"{rep:>6} {case:>6} {r['texts_per_s']:>8.1f} {r['seconds']:>8.1f} "
-                    f"{(f'{bare:.1f}' if bare else '-'):>12}"
+                    f"{(f'{bare:.1f}' if bare else '-'):>12} {(f'{steady:.1f}' if steady else '-'):>16}"
                 )
     finally:
         ray.shutdown()

@@ -42,6 +42,14 @@ def distill(
         str | None,
         typer.Option(help="Router config as JSON, e.g. '{\"k\": 1}' (topk default: every teacher)."),
     ] = None,
+    router_balance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Weight of the term keeping every teacher in use on average (0: the router may "
+            "give every row to one teacher).",
+        ),
+    ] = 1.0,
     freeze_trunk: Annotated[
         bool, typer.Option("--freeze-trunk", help="Train only the adapters and the router.")
     ] = False,
@@ -106,6 +114,7 @@ def distill(
             lr_trunk=lr_trunk,
             router=router,
             router_config=extra,
+            balance_weight=router_balance,
             freeze_trunk=freeze_trunk,
             allow_stale_branches=allow_stale_branches,
             seed=seed,

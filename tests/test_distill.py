@@ -121,6 +121,44 @@ def test_second_teacher_later_keeps_first_adapter_bytes(dstore: ContentStore) ->
     assert dstore.manifest(dstore.resolve("tiny")).trunk == trunk_before
 
 
+def _loud_teacher(folder: Path, factor: float) -> Path:
+    """A tiny random BERT whose every LayerNorm output is ``factor`` times larger: its features,
+    and so its MSE, are on another scale than the other teachers'."""
+    from safetensors.torch import load_file, save_file
+
+    make_teacher(folder, seed=3)
+    weights = load_file(folder / "model.safetensors")
+    for k in weights:
+        if "LayerNorm" in k:
+            weights[k] = weights[k] * factor
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_router_keeps_a_teacher_whose_loss_is_on_a_larger_scale(dstore: ContentStore, tmp_path: Path) -> None:
+    request = TeacherRequest(
+        model=str(_loud_teacher(tmp_path / "loud", 10.0)),
+        layers=[1, -1],
+        data=[SMS],
+        shard_rows=128,
+        device="cpu",
+    )
+    add_teacher(dstore, "tiny", "loud", request)
+    result = run(dstore, teachers=["a", "loud"], steps=40)
+    lines = [json.loads(s) for s in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["event"] == "train"]
+    first = steps[0]["per_teacher_loss"]
+    assert first["loud"] > 20 * first["a"], first  # the premise: one teacher looks far harder
+    late = steps[-10:]
+    for name in ("a", "loud"):
+        share = sum(r["router_weight"][name] for r in late) / len(late)
+        assert share > 0.3, (name, share)  # both keep a real share of the rows
+        after, before = result.teachers[name]["eval_loss_after"], result.teachers[name]["eval_loss_before"]
+        assert after < before, (name, before, after)
+    assert not [r for r in lines if r.get("check") == "router-collapse"]
+    assert all(abs(r["router_balance"]) < 0.5 for r in late)
+
+
 def test_frozen_teacher_needs_an_adapter_and_same_texts_rules(dstore: ContentStore) -> None:
     with pytest.raises(DistillError, match="no adapter to keep frozen"):
         run(dstore, teachers=["b"], frozen=["a"])

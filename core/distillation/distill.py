@@ -4,8 +4,10 @@ The student is the model's MoE trunk over its frozen base (whose states come fro
 base-state cache, so the base runs at most once per text). Each teacher gets an adapter (the
 trunk's pooled representation -> the teacher's features at each of its recorded layers) and a
 router (a gating plugin over the teachers) weights the teachers per example. The loss is the
-router-weighted feature loss (MSE or 1 - cosine), plus the trunk's MoE aux loss and the router's
-balance loss, each weighted. Teachers given with ``--freeze-teachers`` take part (predict, are
+router-weighted feature loss (MSE or 1 - cosine; each teacher's scaled by its batch mean, and
+each adapter trained on every row), a balance term on the router's mean probabilities
+(``balance_weight``), plus the trunk's MoE aux loss and the gating's own balance loss, each
+weighted (``distill_module.DistillModule.forward``). Teachers given with ``--freeze-teachers`` take part (predict, are
 routed) but keep their adapters: their adapter banks are carried byte for byte.
 
 Logged like ``scaler train`` (``metrics.jsonl``, TensorBoard when installed): per step the
@@ -303,7 +305,12 @@ class DistillRun:
         self.module.train()
         states, mask, targets = self._batch([self.train_rows[i] for i in pick])
         out = self.module(states, mask, targets)
-        loss = out["feature"] + cfg.aux_loss_weight * out["aux"] + cfg.router_aux_weight * out["router_aux"]
+        loss = (
+            out["objective"]
+            + cfg.balance_weight * out["balance"]
+            + cfg.aux_loss_weight * out["aux"]
+            + cfg.router_aux_weight * out["router_aux"]
+        )
         task_loss = None
         if self.tasks is not None:
             self.tasks.module.train()
@@ -328,6 +335,7 @@ class DistillRun:
             "feature_loss": float(out["feature"].detach()),
             "aux_loss": float(out["aux"].detach()),
             "router_aux": float(out["router_aux"].detach()),
+            "router_balance": float(out["balance"].detach()),
             **({} if task_loss is None else {"task_loss": float(task_loss.detach())}),
             "grad_norm": grad_norm,
             "lr": lrs,

@@ -5,7 +5,9 @@ teacher's feature space, one small projection per recorded teacher layer (``Laye
 ``Linear(d, dim)``). The **router** is a gating plugin instance from the registry (``topk``,
 ``switch`` or any installed one) built over the teachers instead of experts
 (``num_experts = number of teachers``): its ``combine`` weights each example's per-teacher
-feature loss, and its own balance loss is added (weighted) to the trunk's MoE aux loss.
+feature loss (each teacher's loss scaled by its batch mean), a balance term on its mean
+probabilities keeps every teacher in use, and its own balance loss is added (weighted) to the
+trunk's MoE aux loss. See ``DistillModule.forward``.
 """
 
 from __future__ import annotations
@@ -98,14 +100,8 @@ class DistillModule(nn.Module):
         self.order = list(order)
         self.loss_kind = loss
 
-    def forward(
-        self, states: Tensor, mask: Tensor, targets: Mapping[str, Mapping[int, Tensor]]
-    ) -> dict[str, Tensor]:
-        """states (B, T, d), mask (B, T); targets[teacher][layer]: (B, dim). Returns the
-        router-weighted ``feature`` loss, per-teacher per-example losses ``per_teacher`` (B, N),
-        router ``weights`` (B, N) and ``probs``, the trunk's ``aux`` and the router's ``router_aux``."""
-        out = run_trunk(self.trunk, states, mask)
-        pooled = out.pooled
+    def _per_teacher(self, pooled: Tensor, targets: Mapping[str, Mapping[int, Tensor]]) -> Tensor:
+        """(B, N): each teacher's per-example loss, averaged over its layers."""
         per = []
         for name in self.order:
             preds = self.adapters[name](pooled)
@@ -113,15 +109,49 @@ class DistillModule(nn.Module):
                 feature_loss(preds[layer], targets[name][layer], self.loss_kind) for layer in preds
             ]
             per.append(torch.stack(layer_losses, 0).mean(0))
-        per_teacher = torch.stack(per, 1)  # (B, N)
+        return torch.stack(per, 1)
+
+    def forward(
+        self, states: Tensor, mask: Tensor, targets: Mapping[str, Mapping[int, Tensor]]
+    ) -> dict[str, Tensor]:
+        """states (B, T, d), mask (B, T); targets[teacher][layer]: (B, dim).
+
+        Returns ``objective`` (what to minimise), the router-weighted ``feature`` loss (what to
+        report), per-teacher per-example losses ``per_teacher`` (B, N), router ``weights`` (B, N)
+        and ``probs``, the router's ``balance`` term, the trunk's ``aux`` and the router's
+        ``router_aux``.
+
+        The objective is built so that no teacher can take the router over:
+
+        * each teacher's loss is divided by its own batch mean (detached), so teachers whose
+          features are easier to fit, or simply smaller, do not look better to the router;
+        * the trunk learns from the router-weighted losses; each adapter learns its teacher on
+          every row (the weight the router did not give it is made up on a detached copy of the
+          trunk's output), so a teacher with little weight still keeps a trained adapter;
+        * ``balance`` = ``N * sum_t mean(p_t)^2 - 1`` on the router's probabilities: 0 when the
+          teachers are used equally on average, ``N - 1`` when one takes every row. A soft
+          router (``k`` = every teacher) sends every row everywhere, so the gating's own
+          load-based balance loss is constant there and cannot hold it.
+        """
+        out = run_trunk(self.trunk, states, mask)
+        pooled = out.pooled
+        per_teacher = self._per_teacher(pooled, targets)  # (B, N)
+        scale = per_teacher.detach().mean(0).clamp_min(1e-12)  # (N,)
         routing = self.router(pooled)
         weights = routing.combine  # (B, N), rows sum to 1 (or to the chosen teacher's probability)
-        feature = (weights * per_teacher).sum(1).mean()
+        objective = (weights * per_teacher / scale).sum(1).mean()
+        if len(self.order) > 1:
+            rest = (1.0 - weights.detach()).clamp_min(0.0)
+            objective = objective + (rest * self._per_teacher(pooled.detach(), targets) / scale).sum(1).mean()
+        importance = routing.probs.mean(0)
+        balance = len(self.order) * importance.pow(2).sum() - 1.0
         return {
-            "feature": feature,
+            "objective": objective,
+            "feature": (weights * per_teacher).sum(1).mean(),
             "per_teacher": per_teacher.detach(),
             "weights": weights.detach(),
             "probs": routing.probs.detach(),
+            "balance": balance,
             "aux": out.aux_loss,
             "router_aux": routing.aux_loss,
         }

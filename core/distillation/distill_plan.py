@@ -11,6 +11,7 @@ the run that was started.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class DistillConfig:
     router_config: dict[str, Any] = field(default_factory=dict)
     aux_loss_weight: float = 0.01
     router_aux_weight: float = 0.01
+    #: weight of the router's balance term (``DistillModule.forward``); 0 lets it collapse
+    balance_weight: float = 1.0
     eval_split: float = 0.1
     seed: int = 0
     checkpoint_interval: int = 50
@@ -84,6 +87,8 @@ class DistillConfig:
             raise DistillError(f"the held-out split must be between 0 and 1, not {self.eval_split}")
         if self.checkpoint_interval < 1 or self.collapse_window < 1:
             raise DistillError("--checkpoint-interval and the collapse window must be at least 1")
+        if not (self.balance_weight >= 0.0 and math.isfinite(self.balance_weight)):
+            raise DistillError(f"--router-balance must be a finite number >= 0, not {self.balance_weight}")
 
     @property
     def order(self) -> list[str]:

@@ -60,7 +60,7 @@ from scaler_wizard.exporting.onnx_export import (
 from scaler_wizard.exporting.onnx_graph import ExportGraph, ExportTrunk
 from scaler_wizard.manifests.facts import trunk_id
 from scaler_wizard.modeling.model import Origin, ScalerModel
-from scaler_wizard.modeling.row_routing import RowBranches, RowRoutes
+from scaler_wizard.modeling.row_routing import RowBranches, RowRoutes, in_given_order, length_order
 
 log = logging.getLogger(__name__)
 
@@ -454,12 +454,14 @@ class OnnxModel:
             raise TypeError(f"predict() takes texts as strings, not {type(bad).__name__}")
         modules = {n: self.branch(n) for n in names}
         self.prepare(names)
-        out: dict[str, list[Prediction]] = {n: [] for n in names}
+        order = length_order(items)
+        done: dict[str, list[Prediction]] = {n: [] for n in names}
         for start in range(0, len(items), batch_size):
-            batch = self.model.base.tokenize(items[start : start + batch_size], "cpu")
+            batch = self.model.base.tokenize([items[i] for i in order[start : start + batch_size]], "cpu")
             logits = self.logits(batch, names)
             for n in names:
-                out[n].extend(modules[n].decode(torch.from_numpy(logits[n])))
+                done[n].extend(modules[n].decode(torch.from_numpy(logits[n])))
+        out = {n: in_given_order(done[n], order) for n in names}
         if single:
             return {n: preds[0] for n, preds in out.items()}
         return out
@@ -477,15 +479,17 @@ class OnnxModel:
         modules = {n: self.branch(n) for n in routes.rows}
         self.prepare(list(routes.rows))
         entries = list(row_branches)
+        order = length_order(texts)
         out: list[dict[str, Prediction]] = [{} for _ in texts]
         for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            chunk_routes = RowRoutes.of(entries[start : start + batch_size], len(chunk))
+            picked = order[start : start + batch_size]
+            chunk = [texts[i] for i in picked]
+            chunk_routes = RowRoutes.of([entries[i] for i in picked], len(chunk))
             batch = self.model.base.tokenize(chunk, "cpu")
             logits = self._rows(batch, dict(chunk_routes.rows.items()))
             for n, rows in chunk_routes.rows.items():
                 for row, pred in zip(rows, modules[n].decode(torch.from_numpy(logits[n])), strict=True):
-                    out[start + row][n] = pred
+                    out[picked[row]][n] = pred
         return out
 
     def predict_rows(

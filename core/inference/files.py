@@ -164,12 +164,9 @@ def _label_chunk(model: Any, chunk: Chunk, texts: list[str], names: list[str], b
     """Add ``<branch>`` and ``<branch>_score`` to each record: length-sorted, input order kept."""
     if not texts:
         return
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    results = model.predict([texts[i] for i in order], names, batch_size=batch_size)
+    results = model.predict(texts, names, batch_size=batch_size)  # batched by length inside
     for n in names:
-        preds = results[n]
-        for k, i in enumerate(order):
-            p = preds[k]
+        for i, p in enumerate(results[n]):
             rec = chunk.records[i]
             rec[n] = list(p.label) if isinstance(p.label, list) else p.label
             rec[f"{n}_score"] = p.score

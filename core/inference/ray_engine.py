@@ -189,15 +189,10 @@ class RayBranchPredictor:
                 batch = batch.append_column(n, pa.array([], pa.string()))
                 batch = batch.append_column(f"{n}_score", pa.array([], pa.float64()))
             return batch
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        results = self.model.predict([texts[i] for i in order], self.branches, batch_size=self.batch_size)
+        results = self.model.predict(texts, self.branches, batch_size=self.batch_size)  # length-batched
         for n in self.branches:
-            labels: list[Any] = [None] * len(texts)
-            scores: list[float] = [0.0] * len(texts)
-            for k, i in enumerate(order):
-                p = results[n][k]
-                labels[i] = list(p.label) if isinstance(p.label, list) else p.label
-                scores[i] = float(p.score)
+            labels = [list(p.label) if isinstance(p.label, list) else p.label for p in results[n]]
+            scores = [float(p.score) for p in results[n]]
             batch = batch.append_column(n, pa.array(labels))
             batch = batch.append_column(f"{n}_score", pa.array(scores, pa.float64()))
         return batch

@@ -13,7 +13,14 @@ from scaler_wizard.branch import Branch, Prediction, TrunkOutput, shared_base_la
 from scaler_wizard.errors import BranchNotFoundError, did_you_mean
 from scaler_wizard.manifests.model import Manifest
 from scaler_wizard.modeling.base_encoder import BaseEncoder
-from scaler_wizard.modeling.row_routing import RowBranches, RowRoutes, predict_routed, run_rows
+from scaler_wizard.modeling.row_routing import (
+    RowBranches,
+    RowRoutes,
+    in_given_order,
+    length_order,
+    predict_routed,
+    run_rows,
+)
 from scaler_wizard.moe import MoELayer
 
 
@@ -274,7 +281,9 @@ class ScalerModel(nn.Module):
         """Label + scores per branch: ``{branch: [Prediction per text]}``.
 
         ``texts`` may be one string (then ``{branch: Prediction}``) or a list of strings;
-        ``branches`` one name, a list of names, or None for every branch.
+        ``branches`` one name, a list of names, or None for every branch. The texts run in
+        batches of ``batch_size`` neighbours in length (less padding); the answers come back in
+        the order given.
         """
         names = _branch_list(branches)
         if isinstance(texts, str):
@@ -299,16 +308,17 @@ class ScalerModel(nn.Module):
     ) -> dict[str, list[Prediction]]:
         was_training = self.training
         self.eval()
-        out: dict[str, list[Prediction]] = {n: [] for n in names}
+        order = length_order(texts)
+        done: dict[str, list[Prediction]] = {n: [] for n in names}
         try:
             for start in range(0, len(texts), batch_size):
-                batch = self.base.tokenize(list(texts[start : start + batch_size]), self.device)
+                batch = self.base.tokenize([texts[i] for i in order[start : start + batch_size]], self.device)
                 logits, _ = self._run(names, modules, batch)
                 for n, m in zip(names, modules, strict=True):
-                    out[n].extend(m.decode(logits[n]))
+                    done[n].extend(m.decode(logits[n]))
         finally:
             self.train(was_training)
-        return out
+        return {n: in_given_order(done[n], order) for n in names}
 
 
 def _branch_list(branches: str | Sequence[str] | None) -> list[str] | None:

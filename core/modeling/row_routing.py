@@ -87,10 +87,25 @@ def run_rows(
     return logits, indices, shared
 
 
+def length_order(texts: Sequence[str]) -> list[int]:
+    """Indices of ``texts`` from shortest to longest (stable): batches of neighbours in length
+    pad little (sentence-transformers' ``encode`` does the same). Characters stand in for tokens."""
+    return sorted(range(len(texts)), key=lambda i: len(texts[i]))
+
+
+def in_given_order(items: Sequence[Prediction], order: Sequence[int]) -> list[Prediction]:
+    """Undo :func:`length_order`: ``items[k]`` answers text ``order[k]``."""
+    out = list(items)
+    for k, i in enumerate(order):
+        out[i] = items[k]
+    return out
+
+
 def predict_routed(
     model: ScalerModel, texts: Sequence[str], row_branches: RowBranches, batch_size: int
 ) -> list[dict[str, Prediction]]:
-    """For each text, ``{branch: Prediction}`` for the branches its row names."""
+    """For each text, ``{branch: Prediction}`` for the branches its row names (batches of
+    neighbours in length, as ``predict``; answers in the order given)."""
     if isinstance(texts, str):
         raise TypeError("predict_rows() takes a list of texts, not one string")
     if batch_size < 1:
@@ -101,19 +116,21 @@ def predict_routed(
     routes = RowRoutes.of(row_branches, len(texts))
     modules = {n: model.branch(n) for n in routes.rows}  # loaded outside inference mode
     entries = list(row_branches)
+    order = length_order(texts)
     out: list[dict[str, Prediction]] = [{} for _ in texts]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                chunk = list(texts[start : start + batch_size])
-                chunk_routes = RowRoutes.of(entries[start : start + batch_size], len(chunk))
+                picked = order[start : start + batch_size]
+                chunk = [texts[i] for i in picked]
+                chunk_routes = RowRoutes.of([entries[i] for i in picked], len(chunk))
                 batch = model.base.tokenize(chunk, model.device)
                 logits, indices, _ = run_rows(model, chunk_routes, modules, batch)
                 for name, idx in indices.items():
                     for row, pred in zip(idx.tolist(), modules[name].decode(logits[name]), strict=True):
-                        out[start + row][name] = pred
+                        out[picked[row]][name] = pred
     finally:
         model.train(was_training)
     return out
