@@ -4,8 +4,9 @@ For short texts (SMS, ``data/sms_spam.csv``) and long texts (200+ tokens: consec
 joined into one text, truncated at the base's max length as in every backend), each backend
 tokenizes and computes every chosen branch's logits, batch by batch:
 
-* ``torch``: ``ScalerModel.forward`` on batches in the given order (what ``predict`` does);
-* ``torch-sorted``: the same, texts sorted by length first (less padding), answers unsorted;
+* ``torch``: ``ScalerModel.forward`` on batches in the given order (the reference);
+* ``torch-sorted``: the same, texts sorted by length first (less padding), answers unsorted
+  (what ``predict`` does since session 22);
 * ``onnx-fp32`` / ``onnx-int8``: ``scaler export --format onnx [--int8]``'s graphs in
   onnxruntime (CPU, ``--threads`` intra-op threads), batches in the given order, as ``torch``;
 * ``backend-onnx`` / ``backend-onnx-int8``: what ``--backend onnx[-int8]`` runs

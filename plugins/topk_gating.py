@@ -29,7 +29,7 @@ class TopKConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError("capacity_factor must be > 0 or null")
 
 
@@ -85,6 +85,10 @@ class SwitchConfig:
     )
     capacity_factor: float | None = field(default=None, metadata={"help": "as for topk; null = no cap"})
     capacity_at_inference: bool = False
+
+    def __post_init__(self) -> None:
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError("capacity_factor must be > 0 or null")
 
 
 class SwitchGating(Gating):

@@ -234,6 +234,15 @@ def test_branches_become_stale_only_when_allowed(dstore: ContentStore) -> None:
     run(dstore, teachers=["a"], steps=2, allow_stale_branches=True)
     spam = dstore.manifest(dstore.resolve("tiny")).branches["spam"]
     assert (spam.provenance or {}).get("stale")
+    # `verify --deep`: a branch left stale on purpose is reported as such, not as damage
+    from scaler_wizard.modeling.verify import verify_fingerprints
+
+    (check,) = [
+        c
+        for c in verify_fingerprints(dstore, dstore.resolve("tiny"))
+        if c.what == "branches.spam.fingerprint"
+    ]
+    assert check.ok and "stale since v" in check.detail and "scaler train -b spam=" in check.detail
 
 
 @pytest.mark.slow

@@ -384,3 +384,16 @@ def test_optimizer_step_leaves_the_base_byte_for_byte(store: ContentStore) -> No
     assert any(not torch.equal(v, trunk_before[k]) for k, v in model.trunk.state_dict().items())
     assert any(not torch.equal(v, branch_before[k]) for k, v in spam.state_dict().items())
     assert all(p.grad is not None for p in spam.parameters())
+
+
+@pytest.mark.parametrize("gating", ["topk", "switch"])
+@pytest.mark.parametrize("factor", [-1, 0, float("nan")])
+def test_capacity_factor_must_be_positive(gating: str, factor: float) -> None:
+    from scaler_wizard.errors import PluginError
+    from scaler_wizard.plugin_manager import get_registry
+
+    reg = get_registry().get("gating", gating)
+    with pytest.raises(PluginError, match="capacity_factor must be > 0 or null"):
+        reg.build_config({"capacity_factor": factor}, where="--gating-config")
+    cfg, _ = reg.build_config({"capacity_factor": 1.25}, where="--gating-config")
+    assert cfg.capacity_factor == 1.25

@@ -254,5 +254,17 @@ def verify_fingerprints(store: ContentStore, h: str) -> list[Check]:
             continue
         fc = check_fingerprint(name, recorded, logits[name])
         detail = "bit-identical" if fc.exact else f"max |diff| {fc.max_abs_diff:.2e}"
+        stale = (entries[name].provenance or {}).get("stale")
+        if stale and not fc.ok:
+            # left behind on purpose (--allow-stale-branches): its outputs moved with the trunk,
+            # as recorded; its banks are still hash-checked like every other
+            detail = (
+                f"stale since v{stale.get('since_version', '?')} (the trunk was retrained without it; "
+                f"outputs differ as expected, {detail}): retrain it with scaler train -b {name}=FILE"
+            )
+            checks.append(
+                Check(f"branches.{name}.fingerprint", str(recorded.get("sha256", "")), True, detail)
+            )
+            continue
         checks.append(Check(f"branches.{name}.fingerprint", str(recorded.get("sha256", "")), fc.ok, detail))
     return checks
