@@ -205,48 +205,29 @@ def run(*, quick: bool, threads: int) -> BenchResult:
         if (batch, seq) == shapes[0]:
             details[tag]["profile_moe"] = profile_top_ops(run_moe)
             details[tag]["profile_dense"] = profile_top_ops(run_dense)
-        rows.append(
-            Row(
-                name=f"moe.{tag} ({tokens} tok)",
-                ours=m_moe.median * 1e3,
-                reference=m_dense.median * 1e3,
-                unit="ms",
-                ratio=m_dense.median / m_moe.median,
-                ratio_definition="t(dense FFN 1536) / t(MoE 8x768 top-2)",
-                goal=GOAL if (batch, seq) == (64, 64) else None,
-                cpu_ratio=cpu_ratio(m_dense, m_moe),
-                ours_label="MoELayer forward",
-                reference_label="dense FFN block forward",
+        cases = (
+            ("moe", f"({tokens} tok)", "MoE 8x768 top-2", "MoELayer forward"),
+            ("proposed", "proposed dispatch", "proposed MoE dispatch, same weights",
+             "proposed MoELayer.forward (bench_moe.proposed_forward)"),
+            ("loop", "previous loop", "per-expert loop dispatch, same weights",
+             "the per-expert loop MoELayer used before (bench_moe.loop_forward)"),
+        )  # fmt: skip
+        for key, suffix, what, label in cases:
+            m = res[key]
+            rows.append(
+                Row(
+                    name=f"moe.{tag} {suffix}",
+                    ours=m.median * 1e3,
+                    reference=m_dense.median * 1e3,
+                    unit="ms",
+                    ratio=m_dense.median / m.median,
+                    ratio_definition=f"t(dense FFN 1536) / t({what})",
+                    goal=GOAL if key == "moe" and (batch, seq) == (64, 64) else None,
+                    cpu_ratio=cpu_ratio(m_dense, m),
+                    ours_label=label,
+                    reference_label="dense FFN block forward",
+                )
             )
-        )
-        rows.append(
-            Row(
-                name=f"moe.{tag} proposed dispatch",
-                ours=res["proposed"].median * 1e3,
-                reference=m_dense.median * 1e3,
-                unit="ms",
-                ratio=m_dense.median / res["proposed"].median,
-                ratio_definition="t(dense FFN 1536) / t(proposed MoE dispatch, same weights)",
-                goal=None,
-                cpu_ratio=cpu_ratio(m_dense, res["proposed"]),
-                ours_label="proposed MoELayer.forward (bench_moe.proposed_forward)",
-                reference_label="dense FFN block forward",
-            )
-        )
-        rows.append(
-            Row(
-                name=f"moe.{tag} previous loop",
-                ours=res["loop"].median * 1e3,
-                reference=m_dense.median * 1e3,
-                unit="ms",
-                ratio=m_dense.median / res["loop"].median,
-                ratio_definition="t(dense FFN 1536) / t(per-expert loop dispatch, same weights)",
-                goal=None,
-                cpu_ratio=cpu_ratio(m_dense, res["loop"]),
-                ours_label="the per-expert loop MoELayer used before (bench_moe.loop_forward)",
-                reference_label="dense FFN block forward",
-            )
-        )
     details["loadavg_after"] = loadavg()
     return BenchResult(
         name=NAME,
