@@ -242,7 +242,7 @@ def test_branches_become_stale_only_when_allowed(dstore: ContentStore) -> None:
         for c in verify_fingerprints(dstore, dstore.resolve("tiny"))
         if c.what == "branches.spam.fingerprint"
     ]
-    assert check.ok and "stale since v" in check.detail and "scaler train -b spam=" in check.detail
+    assert check.ok and "stale since v" in check.detail and "scaler train MODEL -b spam=" in check.detail
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ router (a gating plugin over the teachers) weights the teachers per example. The
 router-weighted feature loss (MSE or 1 - cosine; each teacher's scaled by its batch mean, and
 each adapter trained on every row), a balance term on the router's mean probabilities
 (``balance_weight``), plus the trunk's MoE aux loss and the gating's own balance loss, each
-weighted (``distill_module.DistillModule.forward``). Teachers given with ``--freeze-teachers`` take part (predict, are
-routed) but keep their adapters: their adapter banks are carried byte for byte.
+weighted (``distill_module.DistillModule.forward``). Teachers given with ``--freeze-teachers``
+take part (predict, are routed) but keep their adapters: their adapter banks are carried byte for
+byte.
 
 Logged like ``scaler train`` (``metrics.jsonl``, TensorBoard when installed): per step the
 per-teacher loss and router weight (mean and a 10-bin histogram); a ``router-collapse`` warning

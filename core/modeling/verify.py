@@ -260,7 +260,7 @@ def verify_fingerprints(store: ContentStore, h: str) -> list[Check]:
             # as recorded; its banks are still hash-checked like every other
             detail = (
                 f"stale since v{stale.get('since_version', '?')} (the trunk was retrained without it; "
-                f"outputs differ as expected, {detail}): retrain it with scaler train -b {name}=FILE"
+                f"outputs differ as expected, {detail}): retrain it with scaler train MODEL -b {name}=FILE"
             )
             checks.append(
                 Check(f"branches.{name}.fingerprint", str(recorded.get("sha256", "")), True, detail)
