@@ -22,7 +22,11 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
     max_batch: Annotated[int, typer.Option(min=1, help="Most texts merged into one trunk pass.")] = 64,
     max_wait_ms: Annotated[
-        float, typer.Option(min=0, help="How long a batch waits for more requests (ms).")
+        float,
+        typer.Option(
+            min=0,
+            help="Longest a batch waits for more requests (ms), only while it holds fewer texts than the last.",
+        ),
     ] = 5.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Queued requests before answering 429.")] = 256,
     max_texts_per_request: Annotated[
