@@ -355,3 +355,24 @@ def test_base_state_cache_is_keyed_and_exact(tiny: ContentStore) -> None:
         assert torch.allclose(states.example(i), alone, atol=1e-5)
     padded, mask = states.batch([0, 1, 2])
     assert padded.shape[0] == 3 and mask.sum(1).tolist() == [len(states.example(i)) for i in range(3)]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_new_branch_is_checked_against_every_manifest_rule_before_training(
+    tiny: ContentStore, tmp_path: Path
+) -> None:
+    """A label over the manifest's 1,000-character limit: refused in one line when the run
+    starts, before any step, not when the trained version is saved."""
+    from scaler_wizard.errors import ManifestError
+
+    data = tmp_path / "long_label.csv"
+    long = "x" * 1001
+    data.write_text(
+        "text,label\n" + "".join(f"text number {i},{long if i % 2 else 'short'}\n" for i in range(40))
+    )
+    before = tiny.resolve("tiny")
+    with pytest.raises(ManifestError, match="checked before training") as err:
+        run(tiny, [BranchSpec("longlabel", data)], tmp_path / "run")
+    assert "\n" not in str(err.value)
+    assert tiny.resolve("tiny") == before
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no step ran

@@ -56,6 +56,7 @@ from scaler_wizard.training.plan import (
     plan_run,
     read_plan,
 )
+from scaler_wizard.training.preflight import preflight_branch
 from scaler_wizard.training.provenance import stale_record, train_run_record, trained_record
 from scaler_wizard.training.records import eval_record, start_record, step_record
 from scaler_wizard.training.result import (
@@ -154,6 +155,16 @@ class TrainRun:
         if existing:
             branch = self.model.branch(spec.name)
         else:
+            assert self.model.origin is not None
+            preflight_branch(  # every manifest rule, before any step (as `branch add` does)
+                self.model.origin.manifest,
+                spec.name,
+                strategy=spec.strategy,
+                strategy_config=spec.strategy_config,
+                head=spec.head,
+                head_config=spec.head_config,
+                labels=part.labels,
+            )
             branch = new_branch(
                 hidden_size=self.model.trunk_hidden_size(),
                 labels=part.labels,
