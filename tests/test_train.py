@@ -376,3 +376,21 @@ def test_a_new_branch_is_checked_against_every_manifest_rule_before_training(
     assert "\n" not in str(err.value)
     assert tiny.resolve("tiny") == before
     assert not (tmp_path / "run" / "checkpoints").exists()  # no step ran
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"strategy": "peft-lora"}, "keeps its adapter inside the base encoder"),
+        ({"head": "multilabel"}, "multi-label heads are not supported by scaler train"),
+    ],
+)
+def test_branches_a_run_cannot_train_are_refused_before_any_step(
+    tiny: ContentStore, tmp_path: Path, spec: dict[str, str], fragment: str
+) -> None:
+    before = tiny.resolve("tiny")
+    with pytest.raises(ScalerError, match=fragment):
+        run(tiny, [BranchSpec("new", SMS, **spec)], tmp_path / "run")  # type: ignore[arg-type]
+    assert tiny.resolve("tiny") == before
+    assert not (tmp_path / "run" / "checkpoints").exists()

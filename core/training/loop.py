@@ -30,7 +30,7 @@ from scaler_wizard.branch import Branch, shared_base_layers
 from scaler_wizard.caches.base_states import TokenStates, cached_states
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.manifests.facts import mark_stale
-from scaler_wizard.modeling.compose import compose, new_branch, save_version, trunk_id
+from scaler_wizard.modeling.compose import compose, save_version, trunk_id
 from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.modeling.model import ScalerModel
 from scaler_wizard.training.batches import BranchData, Collate, MixedDataset, load_branch_data
@@ -56,7 +56,7 @@ from scaler_wizard.training.plan import (
     plan_run,
     read_plan,
 )
-from scaler_wizard.training.preflight import preflight_branch
+from scaler_wizard.training.preflight import branch_for_run
 from scaler_wizard.training.provenance import stale_record, train_run_record, trained_record
 from scaler_wizard.training.records import eval_record, start_record, step_record
 from scaler_wizard.training.result import (
@@ -152,34 +152,7 @@ class TrainRun:
         existing = spec.name not in self.plan.new
         labels = list(self.model.branch(spec.name).labels) if existing else None
         part = load_branch_data(spec, labels, self.cfg)
-        if existing:
-            branch = self.model.branch(spec.name)
-        else:
-            assert self.model.origin is not None
-            preflight_branch(  # every manifest rule, before any step (as `branch add` does)
-                self.model.origin.manifest,
-                spec.name,
-                strategy=spec.strategy,
-                strategy_config=spec.strategy_config,
-                head=spec.head,
-                head_config=spec.head_config,
-                labels=part.labels,
-            )
-            branch = new_branch(
-                hidden_size=self.model.trunk_hidden_size(),
-                labels=part.labels,
-                strategy=spec.strategy,
-                strategy_config=spec.strategy_config,
-                head=spec.head,
-                head_config=spec.head_config,
-            )
-        if branch.adapter.needs_base_pass:
-            raise ScalerError(
-                f"branch {spec.name}: strategy {branch.entry['strategy']['plugin']!r} keeps its adapter inside the "
-                "base encoder, which scaler train keeps frozen; train such branches with `scaler branch add`"
-            )
-        if branch.head.multilabel:
-            raise ScalerError(f"branch {spec.name}: multi-label heads are not supported by scaler train yet")
+        branch = branch_for_run(self.model, spec, part.labels, existing=existing)
         if not existing:
             self.model.add_branch(spec.name, branch)
         self.branches[spec.name] = branch
