@@ -51,12 +51,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_alternatives
 
 REPO = Path(__file__).resolve().parent.parent
-#: (label, strategy, config): ours, each trained the way ``branch add`` trains it
-STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("attn-mix", "attn-mix", {}),
-    ("attn-mix layers=7 (all)", "attn-mix", {"layers": 7}),
-    ("attn-mlp", "attn-mlp", {}),
-    ("lora", "lora", {}),
+#: (label, strategy, config, recipe changes): ours, each trained the way ``branch add`` trains it
+STRATEGIES: tuple[tuple[str, str, dict[str, Any], dict[str, Any]], ...] = (
+    ("attn-mix", "attn-mix", {}, {}),
+    ("attn-mix label-smoothing=0", "attn-mix", {}, {"label_smoothing": 0.0}),
+    (
+        "attn-mix session-22 recipe: 40 epochs no smoothing",
+        "attn-mix",
+        {},
+        {"label_smoothing": 0.0, "epochs": 40},
+    ),
+    ("attn-mix layers=7 (all)", "attn-mix", {"layers": 7}, {}),
+    ("attn-mlp", "attn-mlp", {}, {}),
+    ("lora", "lora", {}, {}),
 )
 OTHERS = {"SetFit": "setfit", "AdapterHub adapters": "adapters", "PEFT LoRA (full pass)": "peft"}
 
@@ -75,6 +82,7 @@ def run_task(
     task: str,
     selected: set[str] | None = None,
     alternatives: dict[str, Any] | None = None,
+    seeds: int = 1,
 ) -> list[dict[str, Any]]:
     model = compose(store, "demo")
     assert model.origin is not None
@@ -126,34 +134,54 @@ def run_task(
             seconds[kind, layers] = (time.perf_counter() - t0, cpu_seconds() - c0)
         return feats[kind, layers]
 
-    for label, strategy, config in STRATEGIES:
-        if selected and label not in selected and strategy not in selected:
+    for label, strategy, config, recipe in STRATEGIES:
+        if selected and label not in selected:
             continue
-        torch.manual_seed(0)
-        branch = new_branch(
-            hidden_size=model.trunk_hidden_size(), labels=labels, strategy=strategy, strategy_config=config
-        )
-        kind = getattr(branch.adapter, "features", "pooled")
-        layers = int(branch.adapter.base_layers)
-        x = features(kind, layers)
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        result = train_branch(branch, x[:n1], y(fit), x[n1:n2], y(val), BranchTrainingConfig())
-        pred = predict_logits(branch, x[n2:]).argmax(-1)
+        per_seed: list[dict[str, Any]] = []
+        for seed in range(seeds):  # seed 0 is the row's own numbers; the others give the spread
+            torch.manual_seed(seed)
+            branch = new_branch(
+                hidden_size=model.trunk_hidden_size(),
+                labels=labels,
+                strategy=strategy,
+                strategy_config=config,
+            )
+            kind = getattr(branch.adapter, "features", "pooled")
+            layers = int(branch.adapter.base_layers)
+            x = features(kind, layers)
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            training = BranchTrainingConfig(seed=seed, **recipe)
+            result = train_branch(branch, x[:n1], y(fit), x[n1:n2], y(val), training)
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            pred = predict_logits(branch, x[n2:]).argmax(-1)
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "accuracy": accuracy_score(y(test), pred),
+                    "macro_f1": f1_score(y(test), pred, average="macro"),
+                    "train_wall_s": wall,
+                    "train_cpu_s": cpu,
+                    "epochs": result.epochs_run,
+                    "best_epoch": result.best_epoch,
+                }
+            )
+        first = per_seed[0]
         rows.append(
             {
                 "task": task,
                 "method": f"ours: {label}",
-                "accuracy": accuracy_score(y(test), pred),
-                "macro_f1": f1_score(y(test), pred, average="macro"),
-                "train_wall_s": time.perf_counter() - t0,
-                "train_cpu_s": cpu_seconds() - c0,
+                **{k: v for k, v in first.items() if k != "seed"},
                 "feature_wall_s": seconds[kind, layers][0],
                 "feature_cpu_s": seconds[kind, layers][1],
                 "bytes_per_branch": branch_bytes(branch),
-                "epochs": result.epochs_run,
-                "best_epoch": result.best_epoch,
+                "accuracy_mean": sum(r["accuracy"] for r in per_seed) / seeds,
+                "macro_f1_mean": sum(r["macro_f1"] for r in per_seed) / seeds,
+                "seeds": per_seed,
             }
         )
+        print(json.dumps(rows[-1]), flush=True)
+    if not selected or "few-shot" in selected:
+        rows.append(few_shot_row(store, model, tid, task, labels, fit, test))
         print(json.dumps(rows[-1]), flush=True)
     pooled = features("pooled", 0)
     x_fit = pooled[:n1].numpy() if isinstance(pooled, torch.Tensor) else pooled.tensor(0, n1).numpy()
@@ -186,13 +214,54 @@ def run_task(
     return rows
 
 
+def few_shot_row(
+    store: ContentStore,
+    model: Any,
+    tid: str,
+    task: str,
+    labels: list[Any],
+    fit: pd.DataFrame,
+    test: pd.DataFrame,
+) -> dict[str, Any]:
+    """The default strategy on 8 rows a class (the rows SetFit's 8-shot run gets), trained as
+    ``branch add`` trains on so few rows: no validation split to choose an epoch on (an eval
+    split under 50 rows keeps the last epoch), the automatic small batch. Time includes the
+    48 texts' features."""
+    shots = quality_alternatives.few_shot_rows(fit)
+    index = {lab: i for i, lab in enumerate(labels)}
+    y_shots = torch.tensor([index[lab] for lab in shots["label"]])
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    torch.manual_seed(0)
+    branch = new_branch(hidden_size=model.trunk_hidden_size(), labels=labels, strategy="attn-mix")
+    layers = int(branch.adapter.base_layers)
+    x, _ = cached_features(store, model, tid, list(shots["text"]), kind="tokens", base_layers=layers)
+    result = train_branch(branch, x, y_shots, x, y_shots, BranchTrainingConfig())
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    x_test, _ = cached_features(store, model, tid, list(test["text"]), kind="tokens", base_layers=layers)
+    pred = predict_logits(branch, x_test).argmax(-1)
+    y_test = torch.tensor([index[lab] for lab in test["label"]])
+    return {
+        "task": task,
+        "method": f"ours: attn-mix few-shot {quality_alternatives.FEW_SHOT}/class",
+        "accuracy": accuracy_score(y_test, pred),
+        "macro_f1": f1_score(y_test, pred, average="macro"),
+        "train_wall_s": wall,  # features of the few rows included
+        "train_cpu_s": cpu,
+        "bytes_per_branch": branch_bytes(branch),
+        "epochs": result.epochs_run,
+        "kept": result.kept,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="trec,sms_spam")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--store", type=Path, default=None, help="reuse a store (and its caches)")
     parser.add_argument(
-        "--strategies", default="", help="comma-separated labels of ours to run (default: all)"
+        "--strategies",
+        default="",
+        help="comma-separated labels of ours to run, few-shot included (default: all)",
     )
     parser.add_argument(
         "--alternatives",
@@ -203,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="alternatives run at once")
     parser.add_argument("--alt-threads", type=int, default=1, help="torch threads per alternative")
     parser.add_argument("--setfit-pairs", type=int, default=2000, help="SetFit full data: pairs bound")
+    parser.add_argument("--seeds", type=int, default=1, help="ours: train each strategy with seeds 0..N-1")
     parser.add_argument("--plot", type=Path, default=None, help="default: the JSON path with .png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -229,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.alt_threads,
             "pairs": args.setfit_pairs,
         }
-    rows = [row for task in args.tasks.split(",") for row in run_task(store, task, selected, alternatives)]
+    rows = [
+        row
+        for task in args.tasks.split(",")
+        for row in run_task(store, task, selected, alternatives, args.seeds)
+    ]
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average": os.getloadavg(),
@@ -242,17 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     figure = quality_alternatives.plot(rows, args.plot or args.out.with_suffix(".png"))
     print(f"plot: {figure}" if figure else "plot: matplotlib not installed")
     print(
-        "\n| task | method | accuracy | macro-F1 | train wall s | train CPU s | bytes/branch |"
-        "\n|---|---|---|---|---|---|---|"
+        "\n| task | method | accuracy | macro-F1 | mean acc over seeds | train wall s | train CPU s | bytes/branch |"
+        "\n|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         if "accuracy" in r:
+            mean = f"{r['accuracy_mean']:.4f} ({len(r['seeds'])})" if "seeds" in r else ""
             print(
-                f"| {r['task']} | {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+                f"| {r['task']} | {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {mean} | "
                 f"{r['train_wall_s']:.1f} | {r['train_cpu_s']:.1f} | {r['bytes_per_branch']} |"
             )
         else:
-            print(f"| {r['task']} | {r['method']} | {r['status']} | | | | |")
+            print(f"| {r['task']} | {r['method']} | {r['status']} | | | | | |")
     return 0
 
 

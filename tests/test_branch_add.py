@@ -177,7 +177,8 @@ def test_manifest_records_provenance_metrics_and_fingerprint(
     assert prov["label_counts"] == counts == {"ham": 175, "spam": 25}
     assert prov["train_rows"] + entry["metrics"]["eval_rows"] == 200
     training = prov["training"]
-    assert training["seed"] == 0 and training["epochs"] == 3
+    # 20 eval rows: no epoch to choose, so no label smoothing either (issue 12)
+    assert training["seed"] == 0 and training["epochs"] == 3 and training["label_smoothing"] == 0.0
     # small data: 180 rows a batch of 180 // 8 = 22 (not 64), so 9 steps an epoch
     assert training["batch_size"] == 22
     assert training["steps"] == added.result.training.steps == 3 * 9
@@ -383,7 +384,7 @@ def stratified_slices(path: Path, train_rows: int, eval_rows: int, folder: Path)
 
 # The full sets take ~6 min each here (trunk features for 5.5k rows on 2 busy CPUs), so these
 # tests use stratified subsets: the first 1,000 rows (class shares kept) to train, the next 250
-# (disjoint) to evaluate, default recipe (up to 40 epochs, early stopping), seed 0.
+# (disjoint) to evaluate, default recipe (up to 20 epochs, early stopping), seed 0.
 # Measured on the full sets (~5k train / ~550 held out):
 #   SMS spam accuracy 0.982 (macro-F1 0.961); TREC coarse accuracy 0.868 (macro-F1 0.847).
 # Measured on 1,600 train / 400 eval: SMS 0.985 (0.968), TREC 0.780 (0.789).
@@ -414,3 +415,6 @@ def test_branch_learns_real_data(
     assert result.metrics["support"] == len(pd.read_csv(evaluation)) == pytest.approx(250, abs=3)
     assert result.metrics["accuracy"] >= min_accuracy
     assert result.metrics["macro_f1"] >= min_macro_f1
+    # 250 eval rows choose the epoch, and the loss was smoothed (issue 12); the record says so
+    entry = empty_store.get_manifest(empty_store.resolve("q"))["branches"]["b"]
+    assert entry["provenance"]["training"]["label_smoothing"] == 0.1

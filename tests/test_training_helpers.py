@@ -257,3 +257,50 @@ def test_check_data_unchanged(tmp_path: Path) -> None:
     f.unlink()
     with pytest.raises(DataError, match="no such file"):
         check_data_unchanged(plan)
+
+
+def test_label_smoothing_applies_to_the_built_in_cross_entropy_only() -> None:
+    """(issue 12) ``branch add`` smooths the built-in cross-entropy (0.1 by default, recorded),
+    class weights on top; sigmoid heads and heads with a loss of their own keep their loss."""
+    import torch.nn.functional as F
+
+    from scaler_wizard.branch import Head
+    from scaler_wizard.errors import ScalerError
+    from scaler_wizard.modeling.compose import new_branch
+    from scaler_wizard.training.branch_fit import applied_smoothing, balanced_loss
+
+    linear = new_branch(hidden_size=8, labels=["a", "b", "c"])
+    multi = new_branch(hidden_size=8, labels=["a", "b", "c"], head="multilabel")
+
+    class OwnLoss(Head):
+        def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return logits.sum() * 0
+
+    assert BranchTrainingConfig().label_smoothing is None  # 0.1, or 0 on small data (fit)
+    assert applied_smoothing(linear.head, 0.1) == 0.1
+    assert applied_smoothing(multi.head, 0.1) == 0.0 and applied_smoothing(OwnLoss(), 0.1) == 0.0
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ScalerError, match="label smoothing"):
+            applied_smoothing(linear.head, bad)
+
+    torch.manual_seed(0)
+    logits, even = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, weights = balanced_loss(linear, even, 3, None, label_smoothing=0.1)
+    assert weights is None
+    assert torch.equal(loss(logits, even), F.cross_entropy(logits, even, label_smoothing=0.1))
+    assert not torch.equal(loss(logits, even), F.cross_entropy(logits, even))
+    plain, _ = balanced_loss(linear, even, 3, None)
+    assert torch.equal(plain(logits, even), F.cross_entropy(logits, even))
+    skewed = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2])
+    loss, weights = balanced_loss(linear, skewed, 3, None, label_smoothing=0.1)
+    assert weights is not None
+    batch = torch.tensor([0, 0, 1, 2, 0, 1])
+    w = torch.tensor(weights)
+    # each class's rows get the smoothed loss, the classes weighted by weight * rows
+    per_class = sum(
+        float(w[c])
+        * int((batch == c).sum())
+        * F.cross_entropy(logits[batch == c], batch[batch == c], label_smoothing=0.1)
+        for c in range(3)
+    ) / sum(float(w[c]) * int((batch == c).sum()) for c in range(3))
+    assert torch.allclose(loss(logits, batch), per_class)

@@ -26,10 +26,10 @@ from scaler_wizard.modeling.saving import TrainedRecord
 from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import get_registry
 from scaler_wizard.training.branch_fit import (
-    EPOCHS_CACHED,
     EPOCHS_IN_ENCODER,
     BranchTrainingConfig,
     TrainingResult,
+    default_epochs,
     early_stop_note,
     fit,
     train_branch,
@@ -72,10 +72,10 @@ DEFAULT_STRATEGY = "attn-mix"
 KNOWN_AS = "in the training labels"
 
 
-def _epochs_total(training: BranchTrainingConfig, n_train: int) -> int:
+def _epochs_total(training: BranchTrainingConfig, n_train: int, n_eval: int) -> int:
     """Epochs the run will do at most (early stopping may end it sooner), for a progress total."""
     if training.max_steps is None:
-        return int(training.epochs or EPOCHS_CACHED)
+        return int(training.epochs or default_epochs(n_eval))
     return max(1, -(-training.max_steps // max(1, -(-n_train // training.batch_for(n_train)))))
 
 
@@ -186,7 +186,7 @@ def add_branch(
             note,
         )
     else:
-        training = replace(training, epochs=training.epochs or EPOCHS_CACHED)
+        training = replace(training, epochs=training.epochs or default_epochs(len(rows.eval)))
         _note_training(note, training, rows)
         result, feature_seconds, cached = _train_on_features(
             store, model, tid, branch, rows, training, log_dir, note, progress_factory
@@ -288,7 +288,7 @@ def _note_training(note: Reporter, training: BranchTrainingConfig, rows: _Rows) 
     note(
         "training",
         {
-            "epochs": _epochs_total(training, len(rows.train)),  # progress total
+            "epochs": _epochs_total(training, len(rows.train), len(rows.eval)),  # progress total
             "early_stop": early_stop_note(training, len(rows.eval)),  # (issue 12) "" when on
         },
     )
