@@ -144,6 +144,8 @@ class MoELayer(nn.Module):
         out = hidden.index_put((mask,), x + y)
         n = max(int(x.shape[0]), 1)
         stats = MoEStats(
+            # the share of tokens each expert computes: a chosen expert whose weight underflows
+            # to 0 is neither computed (``_dispatch`` skips it) nor counted
             load=((combine > 0).float().sum(0) / n).detach(),
             importance=routing.probs.detach().mean(0)
             if x.shape[0]

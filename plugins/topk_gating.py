@@ -68,7 +68,9 @@ class TopKGating(Gating):
         top_vals, top_idx = noisy.topk(self.config.k, dim=-1)  # (N, k)
         weights = F.softmax(top_vals, dim=-1)
         combine = torch.zeros_like(logits).scatter(1, top_idx, weights)
-        aux = load_balancing_loss(probs, combine > 0, self.config.k)
+        # the choice, not ``combine > 0``: a chosen expert's weight can underflow to 0
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_idx, True)
+        aux = load_balancing_loss(probs, chosen, self.config.k)
         dropped = 0
         cap = self.capacity(x.shape[0])
         if cap is not None:
@@ -108,7 +110,8 @@ class SwitchGating(Gating):
         probs = F.softmax(logits, dim=-1)
         top_p, top_idx = probs.max(dim=-1, keepdim=True)
         combine = torch.zeros_like(probs).scatter(1, top_idx, top_p)
-        aux = load_balancing_loss(probs, combine > 0, 1)
+        chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_idx, True)
+        aux = load_balancing_loss(probs, chosen, 1)
         dropped = 0
         cf = self.config.capacity_factor
         if cf is not None and (self.training or self.config.capacity_at_inference):

@@ -397,3 +397,19 @@ def test_capacity_factor_must_be_positive(gating: str, factor: float) -> None:
         reg.build_config({"capacity_factor": factor}, where="--gating-config")
     cfg, _ = reg.build_config({"capacity_factor": 1.25}, where="--gating-config")
     assert cfg.capacity_factor == 1.25
+
+
+def test_balance_loss_counts_a_chosen_expert_whose_weight_underflows() -> None:
+    """A top-2 choice with a logit gap of 200: the second weight is exactly 0 in float32, but it
+    was chosen, so the balance loss counts it (``combine > 0`` would not)."""
+    gating = topk_gating(2, 3, k=2, noisy=False)
+    set_router(gating, torch.tensor([[200.0, 0.0], [0.0, 1.0], [-500.0, 0.0]]))
+    x = torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 2)  # the last two give expert 1 weight
+    routing = gating(x)
+    assert torch.equal(routing.combine[:2, 1], torch.zeros(2))  # chosen, weight underflowed
+    chosen = torch.zeros(4, 3, dtype=torch.bool).scatter(
+        1, (x @ gating.router.weight.T).topk(2).indices, True
+    )
+    assert bool(chosen[:2, 1].all())
+    assert torch.equal(routing.aux_loss, load_balancing_loss(routing.probs, chosen, 2))
+    assert not torch.equal(routing.aux_loss, load_balancing_loss(routing.probs, routing.combine > 0, 2))
