@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -145,41 +146,70 @@ def _root_flag(args: list[str], flag: str) -> bool:
 _GLOBAL_FLAGS = ("--debug", "--strict")
 
 
-def hoist_global_options(args: list[str]) -> list[str]:
+def hoist_global_options(args: list[str], own_options: Callable[[], set[str]] | None = None) -> list[str]:
     """Move ``--store PATH`` / ``--store=PATH`` / ``--debug`` / ``--strict`` from anywhere on the
-    command line to the front, where the root app reads them; nothing after ``--`` moves."""
+    command line to the front, where the root app reads them; nothing after ``--`` moves.
+
+    ``own_options()`` (asked only when there is something to move) gives the option names the
+    command being run declares itself: a plugin command with its own ``--store`` keeps it."""
     hoisted: list[str] = []
     rest: list[str] = []
+    mine: set[str] | None = None
     i = 0
     while i < len(args):
         word = args[i]
         if word == "--":
             rest += args[i:]
             break
-        if word in _ROOT_OPTIONS_WITH_VALUE and i + 1 < len(args):
-            hoisted += args[i : i + 2]
-            i += 2
-            continue
-        if word in _GLOBAL_FLAGS or any(word.startswith(o + "=") for o in _ROOT_OPTIONS_WITH_VALUE):
-            hoisted.append(word)
-        else:
+        name = word.split("=", 1)[0]
+        movable = (word in _ROOT_OPTIONS_WITH_VALUE and i + 1 < len(args)) or (
+            word in _GLOBAL_FLAGS or any(word.startswith(o + "=") for o in _ROOT_OPTIONS_WITH_VALUE)
+        )
+        if movable and any(not w.startswith("-") for w in rest):  # after the command's name
+            if mine is None:
+                mine = own_options() if own_options is not None else set()
+            movable = name not in mine
+        if not movable:
             rest.append(word)
+        elif word in _ROOT_OPTIONS_WITH_VALUE:
+            hoisted += args[i : i + 2]
+            i += 1
+        else:
+            hoisted.append(word)
         i += 1
     return hoisted + rest
+
+
+def command_options(group: Any, args: list[str]) -> set[str]:
+    """The option names of the (sub)command ``args`` names in the click ``group`` (empty if none).
+    Duck-typed: typer may bring a click of its own."""
+    command: Any = group
+    words = iter(args)
+    for word in words:
+        if not hasattr(command, "commands"):  # a leaf command
+            break
+        if word in _ROOT_OPTIONS_WITH_VALUE:
+            next(words, None)
+        elif not word.startswith("-"):
+            command = command.commands.get(word)
+    if command is None or hasattr(command, "commands"):
+        return set()
+    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from scaler_wizard.errors import ScalerError
 
-    args = hoist_global_options(sys.argv[1:] if argv is None else list(argv))
-    debug = "--debug" in args or os.environ.get("SCALER_DEBUG") not in (None, "", "0")
+    given = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in given or os.environ.get("SCALER_DEBUG") not in (None, "", "0")
     try:
-        if _root_flag(args, "--strict"):
+        if _root_flag(hoist_global_options(given), "--strict"):
             from scaler_wizard.plugin_manager import set_strict
 
             set_strict(True)
-        _add_plugin_commands()
+        _add_plugin_commands()  # before hoisting: a plugin command may own an option of that name
+        args = hoist_global_options(given, lambda: command_options(typer.main.get_command(app), given))
         app(args=args, prog_name="scaler", standalone_mode=True)
     except ScalerError as exc:
         if debug:

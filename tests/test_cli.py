@@ -351,3 +351,51 @@ def test_real_debug_prints_a_traceback(scaler_env: dict[str, str]) -> None:
     assert proc.stderr.startswith("Traceback (most recent call last):")
     assert "ModelNotFoundError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no model named 'dmeo'")
+
+
+def test_store_after_the_command_is_hoisted_unless_the_command_owns_the_option() -> None:
+    """``scaler predict demo --store S`` means the root's --store; a plugin command with a
+    ``--store`` of its own keeps it (hoisting it would change which store the run opens)."""
+    import typer
+
+    from scaler_wizard.cli.app import command_options, hoist_global_options
+
+    root = typer.Typer()
+
+    @root.callback()
+    def _root(store: str = typer.Option(None, "--store")) -> None: ...
+
+    @root.command("builtin")
+    def _builtin(name: str) -> None: ...
+
+    sub = typer.Typer()
+
+    @sub.command("push")
+    def _push(store: str = typer.Option(..., "--store", help="the plugin's own bucket")) -> None: ...
+
+    root.add_typer(sub, name="cloud")
+    group = typer.main.get_command(root)
+
+    def hoist(*args: str) -> list[str]:
+        return hoist_global_options(list(args), lambda: command_options(group, list(args)))
+
+    assert hoist("builtin", "x", "--store", "S", "--debug") == ["--store", "S", "--debug", "builtin", "x"]
+    assert hoist("builtin", "--store=S") == ["--store=S", "builtin"]
+    assert hoist("cloud", "push", "--store", "s3://b", "--debug") == [
+        "--debug",
+        "cloud",
+        "push",
+        "--store",
+        "s3://b",
+    ]
+    assert hoist("cloud", "push", "--store=s3://b") == ["cloud", "push", "--store=s3://b"]
+    assert hoist("--store", "S", "cloud", "push", "--store", "b") == [
+        "--store",
+        "S",
+        "cloud",
+        "push",
+        "--store",
+        "b",
+    ]
+    assert hoist("builtin", "--", "--store", "S") == ["builtin", "--", "--store", "S"]
+    assert command_options(group, ["cloud"]) == set() and command_options(group, ["nope"]) == set()
