@@ -169,6 +169,8 @@ def _kept_text(training: Any) -> str:
             text += f"; stopped early at epoch {training.epochs_run}"
     if training.class_weights:
         text += f"; class-balanced loss, weights {training.class_weights}"
+    if training.label_smoothing:
+        text += f"; label smoothing {training.label_smoothing:g}"
     return text
 
 

@@ -141,10 +141,13 @@ def test_epoch_total_follows_steps_and_a_cache_hit_is_reported(store_path: Path,
             "64",  # (the default on 180 rows is 22 a batch: small data)
             "--store",
             str(store_path),
+            # (issue 12) no smoothing by default on small data; asked for, it is applied and said
+            *(["--label-smoothing", "0.05"] if name == "sms2" else []),
         )
         assert proc.returncode == 0, proc.stderr
         epochs = [line for line in proc.stderr.splitlines() if line.startswith("training: epoch ")]
         assert [e.split(":")[1] for e in epochs] == [" epoch 1/2", " epoch 2/2"]
+        assert ("; label smoothing 0.05" in proc.stdout) == (name == "sms2"), proc.stdout
     assert "trunk features: from cache" in proc.stderr
     # a cache hit is counted in one step (core/caches/features.py), not row by row
     assert len(re.findall(r"trunk features: \d+/200 rows", proc.stderr)) <= 1, proc.stderr
