@@ -45,6 +45,7 @@ from scaler_wizard.banks import ContentStore
 from scaler_wizard.caches.features import cached_features
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.compose import compose, init_model, new_branch, trunk_id
+from scaler_wizard.training.branch_add import small_data_config
 from scaler_wizard.training.branch_fit import BranchTrainingConfig, predict_logits, train_branch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,6 +84,7 @@ def run_task(
     selected: set[str] | None = None,
     alternatives: dict[str, Any] | None = None,
     seeds: int = 1,
+    shot_samples: int = 1,
 ) -> list[dict[str, Any]]:
     model = compose(store, "demo")
     assert model.origin is not None
@@ -181,7 +183,7 @@ def run_task(
         )
         print(json.dumps(rows[-1]), flush=True)
     if not selected or "few-shot" in selected:
-        rows.append(few_shot_row(store, model, tid, task, labels, fit, test))
+        rows.append(few_shot_row(store, model, tid, task, labels, fit, test, shot_samples))
         print(json.dumps(rows[-1]), flush=True)
     pooled = features("pooled", 0)
     x_fit = pooled[:n1].numpy() if isinstance(pooled, torch.Tensor) else pooled.tensor(0, n1).numpy()
@@ -222,34 +224,50 @@ def few_shot_row(
     labels: list[Any],
     fit: pd.DataFrame,
     test: pd.DataFrame,
+    samples: int = 1,
 ) -> dict[str, Any]:
-    """The default strategy on 8 rows a class (the rows SetFit's 8-shot run gets), trained as
-    ``branch add`` trains on so few rows: no validation split to choose an epoch on (an eval
-    split under 50 rows keeps the last epoch), the automatic small batch. Time includes the
-    48 texts' features."""
-    shots = quality_alternatives.few_shot_rows(fit)
+    """The default strategy on 8 rows a class (sample 0: the rows SetFit's 8-shot run gets;
+    ``samples`` > 1 draws more), trained as ``branch add`` trains on so few rows: the strategy's
+    small-data config, no validation split to choose an epoch on (an eval split under 50 rows
+    keeps the last epoch), the automatic small batch. Time includes the few texts' features."""
     index = {lab: i for i, lab in enumerate(labels)}
-    y_shots = torch.tensor([index[lab] for lab in shots["label"]])
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    torch.manual_seed(0)
-    branch = new_branch(hidden_size=model.trunk_hidden_size(), labels=labels, strategy="attn-mix")
-    layers = int(branch.adapter.base_layers)
-    x, _ = cached_features(store, model, tid, list(shots["text"]), kind="tokens", base_layers=layers)
-    result = train_branch(branch, x, y_shots, x, y_shots, BranchTrainingConfig())
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    x_test, _ = cached_features(store, model, tid, list(test["text"]), kind="tokens", base_layers=layers)
-    pred = predict_logits(branch, x_test).argmax(-1)
     y_test = torch.tensor([index[lab] for lab in test["label"]])
+    small = small_data_config("attn-mix", None, 0)  # what branch add picks on so few rows
+    runs: list[dict[str, Any]] = []
+    for sample in range(samples):
+        shots = quality_alternatives.few_shot_rows(fit, seed=sample)
+        y_shots = torch.tensor([index[lab] for lab in shots["label"]])
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        torch.manual_seed(0)
+        branch = new_branch(
+            hidden_size=model.trunk_hidden_size(), labels=labels, strategy="attn-mix", strategy_config=small
+        )
+        layers = int(branch.adapter.base_layers)
+        x, _ = cached_features(store, model, tid, list(shots["text"]), kind="tokens", base_layers=layers)
+        result = train_branch(branch, x, y_shots, x, y_shots, BranchTrainingConfig())
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        x_test, _ = cached_features(store, model, tid, list(test["text"]), kind="tokens", base_layers=layers)
+        pred = predict_logits(branch, x_test).argmax(-1)
+        runs.append(
+            {
+                "sample": sample,
+                "accuracy": accuracy_score(y_test, pred),
+                "macro_f1": f1_score(y_test, pred, average="macro"),
+                "train_wall_s": wall,  # features of the few rows included
+                "train_cpu_s": cpu,
+                "epochs": result.epochs_run,
+                "kept": result.kept,
+            }
+        )
     return {
         "task": task,
         "method": f"ours: attn-mix few-shot {quality_alternatives.FEW_SHOT}/class",
-        "accuracy": accuracy_score(y_test, pred),
-        "macro_f1": f1_score(y_test, pred, average="macro"),
-        "train_wall_s": wall,  # features of the few rows included
-        "train_cpu_s": cpu,
+        **{k: v for k, v in runs[0].items() if k != "sample"},
         "bytes_per_branch": branch_bytes(branch),
-        "epochs": result.epochs_run,
-        "kept": result.kept,
+        "strategy_config": small,
+        "accuracy_mean": sum(r["accuracy"] for r in runs) / samples,
+        "macro_f1_mean": sum(r["macro_f1"] for r in runs) / samples,
+        "seeds": runs,  # one per sample of rows (the table's "mean over seeds" column)
     }
 
 
@@ -273,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alt-threads", type=int, default=1, help="torch threads per alternative")
     parser.add_argument("--setfit-pairs", type=int, default=2000, help="SetFit full data: pairs bound")
     parser.add_argument("--seeds", type=int, default=1, help="ours: train each strategy with seeds 0..N-1")
+    parser.add_argument(
+        "--shot-samples", type=int, default=1, help="few-shot: draws of 8 rows a class (0: SetFit's)"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="default: the JSON path with .png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -302,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         row
         for task in args.tasks.split(",")
-        for row in run_task(store, task, selected, alternatives, args.seeds)
+        for row in run_task(store, task, selected, alternatives, args.seeds, args.shot_samples)
     ]
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -207,8 +207,9 @@ def add(
     epochs: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Maximum epochs (default 20; 40 on small data, where the eval split is under 50 rows; "
-            "3 for peft-lora); early stopping may end sooner."
+            min=1,
+            help="Maximum epochs (default 20; 40 on small data, where the eval split is under 50 rows; "
+            "3 for peft-lora); early stopping may end sooner.",
         ),
     ] = None,
     patience: Annotated[

@@ -99,6 +99,9 @@ class BranchProgress:
             )
             for warning in info.get("warnings") or []:
                 self._line(f"warning: {warning}")
+        elif event == "small_data_config":  # (issue 12) the strategy's small-data defaults
+            fields = ", ".join(f"{k}={v}" for k, v in info["config"].items())
+            self._line(f"note: small data: {info['strategy']} with {fields} (set it with --strategy-config)")
         elif event == "features" and info["cached"]:
             self._line("trunk features: from cache")
         elif event == "training":

@@ -121,6 +121,11 @@ def test_branch_add_prints_plain_progress_off_a_terminal(store_path: Path, tmp_p
     assert epochs[0].startswith("training: epoch 1/40")
     assert "?" not in proc.stderr
     assert "added branch sms" in proc.stdout
+    # (issue 12) small data: the strategy's small-data config, said and recorded
+    assert "note: small data: attn-mix with hidden=8 (set it with --strategy-config)" in lines
+    store = ContentStore.open(store_path)
+    entry = store.get_manifest(store.resolve("demo"))["branches"]["sms"]
+    assert entry["strategy"]["config"]["hidden"] == 8
 
 
 def test_epoch_total_follows_steps_and_a_cache_hit_is_reported(store_path: Path, tmp_path: Path) -> None:

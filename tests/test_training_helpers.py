@@ -304,3 +304,15 @@ def test_label_smoothing_applies_to_the_built_in_cross_entropy_only() -> None:
         for c in range(3)
     ) / sum(float(w[c]) * int((batch == c).sum()) for c in range(3))
     assert torch.allclose(loss(logits, batch), per_class)
+
+
+def test_small_data_config_fills_only_what_was_not_given() -> None:
+    """(issue 12) A strategy's ``small_data`` defaults apply under 50 eval rows, for the fields
+    the user did not set; strategies without them (``lora``) get nothing."""
+    from scaler_wizard.training.branch_add import small_data_config
+
+    assert small_data_config("attn-mix", None, 5) == {"hidden": 8}
+    assert small_data_config("attn-mlp", {"heads": 2}, 49) == {"hidden": 8}
+    assert small_data_config("attn-mix", {"hidden": 64}, 5) == {}
+    assert small_data_config("attn-mix", None, 50) == {}
+    assert small_data_config("lora", None, 5) == {}

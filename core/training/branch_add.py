@@ -27,6 +27,7 @@ from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import get_registry
 from scaler_wizard.training.branch_fit import (
     EPOCHS_IN_ENCODER,
+    MIN_EVAL_ROWS,
     BranchTrainingConfig,
     TrainingResult,
     default_epochs,
@@ -157,6 +158,11 @@ def add_branch(
         },
     )
 
+    small = small_data_config(strategy, strategy_config, len(rows.eval))
+    if small:  # recorded in the manifest like any config; the user's own fields win
+        plugins["strategy_config"] = {**(strategy_config or {}), **small}
+        note("small_data_config", {"strategy": strategy, "config": small})
+
     model = compose(store, model_name)
     assert model.origin is not None
     tid = trunk_id(model.origin.manifest)
@@ -228,6 +234,19 @@ class _Rows:
     labels: list[str]
     train_y: torch.Tensor
     eval_y: torch.Tensor
+
+
+def small_data_config(strategy: str, given: dict[str, Any] | None, eval_rows: int) -> dict[str, Any]:
+    """On small data (an eval split under ``MIN_EVAL_ROWS``), the strategy's own small-data
+    defaults for the fields ``given`` does not set: a ``small_data`` mapping on its config
+    dataclass (public plugin API; ``attn-mix`` / ``attn-mlp``: a narrow MLP). ``{}`` otherwise."""
+    if eval_rows >= MIN_EVAL_ROWS:
+        return {}
+    config = get_registry().get("strategy", strategy).config
+    defaults = getattr(config, "small_data", None) if isinstance(config, type) else None
+    if not isinstance(defaults, dict):
+        return {}
+    return {k: v for k, v in defaults.items() if k not in (given or {})}
 
 
 def _check_request(
