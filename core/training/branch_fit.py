@@ -25,8 +25,8 @@ from scaler_wizard.training.schedule import warmup_linear_schedule
 
 #: Default epochs when none are given: cheap on cached features, costly for in-encoder adapters.
 #: On cached features 20 when an eval split chooses the epoch (the linear decay then reaches a
-#: low rate before early stopping would end the run: TREC +0.5-1.5 points, SMS +0.1-0.4 against
-#: 40, session 23), 40 on small data (a few steps an epoch).
+#: low rate before early stopping would end the run: with smoothing, TREC +0.3 to +1.6 points
+#: and SMS +0.1 to +0.4 against 40, session 23), 40 on small data (a few steps an epoch).
 EPOCHS_CACHED = 20
 EPOCHS_SMALL_DATA = 40
 EPOCHS_IN_ENCODER = 3
@@ -37,8 +37,8 @@ MIN_EVAL_ROWS = 50
 SKEW_RATIO = 3.0
 
 
-#: label smoothing when an epoch can be chosen on the eval split: +0.9 points on TREC over six
-#: seeds, +1.2 on seed 0 (docs/status.md, session 23)
+#: label smoothing when an epoch can be chosen on the eval split: TREC +0.9 points over six
+#: seeds in a probe, +1.0 over three in bench_quality (docs/status.md, session 23)
 DEFAULT_SMOOTHING = 0.1
 
 #: ``branch add``'s batch size on enough data, and the smallest it picks on small data
