@@ -69,7 +69,7 @@ class TopKGating(Gating):
         weights = F.softmax(top_vals, dim=-1)
         combine = torch.zeros_like(logits).scatter(1, top_idx, weights)
         # the choice, not ``combine > 0``: a chosen expert's weight can underflow to 0
-        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_idx, True)
+        chosen = torch.zeros_like(logits).scatter(1, top_idx, torch.ones_like(weights)) > 0
         aux = load_balancing_loss(probs, chosen, self.config.k)
         dropped = 0
         cap = self.capacity(x.shape[0])
@@ -110,7 +110,7 @@ class SwitchGating(Gating):
         probs = F.softmax(logits, dim=-1)
         top_p, top_idx = probs.max(dim=-1, keepdim=True)
         combine = torch.zeros_like(probs).scatter(1, top_idx, top_p)
-        chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_idx, True)
+        chosen = torch.zeros_like(probs).scatter(1, top_idx, torch.ones_like(top_p)) > 0
         aux = load_balancing_loss(probs, chosen, 1)
         dropped = 0
         cf = self.config.capacity_factor
