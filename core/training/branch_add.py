@@ -27,12 +27,12 @@ from scaler_wizard.names import validate_name
 from scaler_wizard.plugin_manager import get_registry
 from scaler_wizard.training.branch_fit import (
     EPOCHS_IN_ENCODER,
-    MIN_EVAL_ROWS,
     BranchTrainingConfig,
     TrainingResult,
     default_epochs,
     early_stop_note,
     fit,
+    small_data,
     train_branch,
 )
 from scaler_wizard.training.clock import utc_stamp
@@ -237,10 +237,11 @@ class _Rows:
 
 
 def small_data_config(strategy: str, given: dict[str, Any] | None, eval_rows: int) -> dict[str, Any]:
-    """On small data (an eval split under ``MIN_EVAL_ROWS``), the strategy's own small-data
-    defaults for the fields ``given`` does not set: a ``small_data`` mapping on its config
-    dataclass (public plugin API; ``attn-mix`` / ``attn-mlp``: a narrow MLP). ``{}`` otherwise."""
-    if eval_rows >= MIN_EVAL_ROWS:
+    """On small data (:func:`~scaler_wizard.training.branch_fit.small_data`), the strategy's own
+    small-data defaults for the fields ``given`` does not set: a ``small_data`` mapping on its
+    config dataclass (public plugin API; ``attn-mix`` / ``attn-mlp``: a narrow MLP). ``{}``
+    otherwise."""
+    if not small_data(eval_rows):
         return {}
     config = get_registry().get("strategy", strategy).config
     defaults = getattr(config, "small_data", None) if isinstance(config, type) else None

@@ -244,7 +244,7 @@ class _Fit:
         self.history: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.labels = list(branch.labels)
-        self.kept = "last" if len(eval_y) < MIN_EVAL_ROWS else "best"
+        self.kept = "last" if small_data(len(eval_y)) else "best"
         self.stop_note = early_stop_note(config, len(eval_y))
         asked = config.label_smoothing
         if asked is None:
@@ -337,17 +337,24 @@ class _Fit:
         )
 
 
+def small_data(eval_rows: int) -> bool:
+    """``branch add``'s one rule for small data: an eval split too small to choose an epoch on
+    (under :data:`MIN_EVAL_ROWS`). It keeps the last epoch, runs every epoch, plans
+    :data:`EPOCHS_SMALL_DATA`, smooths no labels and takes the strategy's small-data config."""
+    return eval_rows < MIN_EVAL_ROWS
+
+
 def default_epochs(eval_rows: int) -> int:
     """Epochs on cached features when none are given: :data:`EPOCHS_CACHED` when ``eval_rows``
     can choose an epoch, :data:`EPOCHS_SMALL_DATA` on small data."""
-    return EPOCHS_CACHED if eval_rows >= MIN_EVAL_ROWS else EPOCHS_SMALL_DATA
+    return EPOCHS_SMALL_DATA if small_data(eval_rows) else EPOCHS_CACHED
 
 
 def early_stop_note(config: BranchTrainingConfig, eval_rows: int) -> str:
     """Why early stopping is off for this run ("" when it is on)."""
     if not config.early_stop:
         return "early stopping off (--no-early-stop)"
-    if eval_rows < MIN_EVAL_ROWS:
+    if small_data(eval_rows):
         return (
             f"early stopping off: {eval_rows} eval rows are too few to decide on (fewer than "
             f"{MIN_EVAL_ROWS}); every epoch runs and the last epoch is kept"
