@@ -55,12 +55,13 @@ REPO = Path(__file__).resolve().parent.parent
 #: (label, strategy, config, recipe changes): ours, each trained the way ``branch add`` trains it
 STRATEGIES: tuple[tuple[str, str, dict[str, Any], dict[str, Any]], ...] = (
     ("attn-mix", "attn-mix", {}, {}),
+    ("attn-mix keep=best (session-23 recipe)", "attn-mix", {}, {"keep": "best"}),
     ("attn-mix label-smoothing=0", "attn-mix", {}, {"label_smoothing": 0.0}),
     (
         "attn-mix session-22 recipe: 40 epochs no smoothing",
         "attn-mix",
         {},
-        {"label_smoothing": 0.0, "epochs": 40},
+        {"label_smoothing": 0.0, "epochs": 40, "keep": "best"},
     ),
     ("attn-mix layers=7 (all)", "attn-mix", {"layers": 7}, {}),
     ("attn-mlp", "attn-mlp", {}, {}),

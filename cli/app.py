@@ -197,6 +197,25 @@ def command_options(group: Any, args: list[str]) -> set[str]:
     return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
 
 
+#: what every command's ``--help`` ends with: the root's options, which may follow the command
+GLOBAL_OPTIONS_EPILOG = (
+    "Global options, before or after the command: --store PATH (default ./scaler-store or "
+    "$SCALER_HOME), --debug (tracebacks), --strict (a plugin that fails to load is an error)."
+)
+
+
+def with_global_options_epilog(group: Any) -> None:
+    """Let each command's ``--help`` name the root's options (``hoist_global_options`` accepts
+    them after the command), except where the command declares an option of that name."""
+    for command in getattr(group, "commands", {}).values():
+        if hasattr(command, "commands"):
+            with_global_options_epilog(command)
+            continue
+        own = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        if not own & {*_ROOT_OPTIONS_WITH_VALUE, *_GLOBAL_FLAGS} and not command.epilog:
+            command.epilog = GLOBAL_OPTIONS_EPILOG
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from scaler_wizard.errors import ScalerError
@@ -209,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
 
             set_strict(True)
         _add_plugin_commands()  # before hoisting: a plugin command may own an option of that name
-        args = hoist_global_options(given, lambda: command_options(typer.main.get_command(app), given))
-        app(args=args, prog_name="scaler", standalone_mode=True)
+        command = typer.main.get_command(app)
+        args = hoist_global_options(given, lambda: command_options(command, given))
+        with_global_options_epilog(command)
+        command(args=args, prog_name="scaler", standalone_mode=True)
     except ScalerError as exc:
         if debug:
             traceback.print_exc()

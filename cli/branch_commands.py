@@ -160,7 +160,7 @@ def _json_config(raw: str | None, option: str, **overrides: Any) -> dict[str, An
 def _kept_text(training: Any) -> str:
     """Which epoch's weights were saved, and why (issue 12: the live lines say the same)."""
     if training.kept == "last":
-        text = f"epoch {training.epochs_run} (the last: {training.early_stop_note})"
+        text = f"epoch {training.epochs_run}, the last ({training.early_stop_note})"
     else:
         text = f"epoch {training.best_epoch} (best eval macro-F1)"
         if training.early_stop_note:
@@ -212,16 +212,27 @@ def add(
             "3 for peft-lora); early stopping may end sooner.",
         ),
     ] = None,
+    keep: Annotated[
+        str | None,
+        typer.Option(
+            help="Which epoch to save: 'last' (default: the end of the schedule, no early stopping) or "
+            "'best' (the best eval macro-F1, with early stopping). Always 'last' when the eval split "
+            "has fewer than 50 rows.",
+        ),
+    ] = None,
     patience: Annotated[
-        int,
-        typer.Option(min=1, help="Early stopping: epochs without a better eval macro-F1 before stopping."),
-    ] = 8,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Early stopping: epochs without a better eval macro-F1 before stopping (default 8 "
+            "with --keep best; giving it implies --keep best).",
+        ),
+    ] = None,
     no_early_stop: Annotated[
         bool,
         typer.Option(
             "--no-early-stop",
-            help="Run every epoch (the best eval epoch is still the one saved). Early stopping is "
-            "off anyway when the eval split has fewer than 50 rows.",
+            help="With --keep best: run every epoch (the best eval epoch is still the one saved).",
         ),
     ] = False,
     steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
@@ -259,7 +270,8 @@ def add(
         batch_size=batch_size,
         seed=seed,
         patience=patience,
-        early_stop=not no_early_stop,
+        early_stop=False if no_early_stop else None,
+        keep=keep,
         label_smoothing=label_smoothing,
     )
     progress = BranchProgress(err)
@@ -296,6 +308,7 @@ def add(
         "early_stopping": result.training.early_stop_note or "on",
         "stopped_early": result.training.stopped_early,
         "class_weights": result.training.class_weights,
+        "label_smoothing": result.training.label_smoothing,
         "train_seconds": round(result.training.seconds, 2),
         "feature_seconds": round(result.feature_seconds, 2),
         "features_cached": result.features_cached,

@@ -358,7 +358,12 @@ def test_store_after_the_command_is_hoisted_unless_the_command_owns_the_option()
     ``--store`` of its own keeps it (hoisting it would change which store the run opens)."""
     import typer
 
-    from scaler_wizard.cli.app import command_options, hoist_global_options
+    from scaler_wizard.cli.app import (
+        GLOBAL_OPTIONS_EPILOG,
+        command_options,
+        hoist_global_options,
+        with_global_options_epilog,
+    )
 
     root = typer.Typer()
 
@@ -399,3 +404,15 @@ def test_store_after_the_command_is_hoisted_unless_the_command_owns_the_option()
     ]
     assert hoist("builtin", "--", "--store", "S") == ["builtin", "--", "--store", "S"]
     assert command_options(group, ["cloud"]) == set() and command_options(group, ["nope"]) == set()
+    # each --help names the root's options, except where the command owns one of that name
+    with_global_options_epilog(group)
+    assert group.commands["builtin"].epilog == GLOBAL_OPTIONS_EPILOG
+    assert group.commands["cloud"].commands["push"].epilog is None
+
+
+def test_a_commands_help_names_the_global_options() -> None:
+    """``scaler predict --help`` (the real CLI) says --store may follow the command."""
+    proc = run_scaler("predict", "--help", env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # rich wraps the help to the terminal width
+    assert "Global options, before or after the command: --store PATH" in text

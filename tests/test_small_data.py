@@ -14,12 +14,14 @@ import pytest
 import torch
 from conftest import DATA, run_scaler
 
+from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.compose import new_branch
 from scaler_wizard.training.branch_fit import (
     MIN_EVAL_ROWS,
     BranchTrainingConfig,
     balanced_loss,
     early_stop_note,
+    kept_epoch,
 )
 
 SMS = DATA / "samples" / "sms_spam_small.csv"  # 200 rows: ham 175, spam 25 (majority 0.875-0.90)
@@ -40,21 +42,39 @@ def add(env: dict[str, str], name: str, *extra: str) -> tuple[dict, list[re.Matc
 
 
 @pytest.mark.parametrize(
-    ("config", "rows", "off"),
+    ("config", "rows", "off", "kept"),
     [
-        (BranchTrainingConfig(), MIN_EVAL_ROWS, False),
-        (BranchTrainingConfig(), MIN_EVAL_ROWS - 1, True),
-        (BranchTrainingConfig(), 20, True),
-        (BranchTrainingConfig(early_stop=False), 1000, True),
+        (BranchTrainingConfig(keep="best"), MIN_EVAL_ROWS, False, "best"),
+        (BranchTrainingConfig(patience=3), MIN_EVAL_ROWS, False, "best"),  # a patience asks for it
+        (BranchTrainingConfig(keep="best"), MIN_EVAL_ROWS - 1, True, "last"),
+        (BranchTrainingConfig(patience=3), 20, True, "last"),
+        (BranchTrainingConfig(keep="best", early_stop=False), 1000, True, "best"),
+        (BranchTrainingConfig(), 1000, True, "last"),  # the default: the schedule's last epoch
     ],
 )
 def test_early_stopping_is_off_when_asked_or_the_eval_split_is_too_small(
-    config: BranchTrainingConfig, rows: int, off: bool
+    config: BranchTrainingConfig, rows: int, off: bool, kept: str
 ) -> None:
     note = early_stop_note(config, rows)
     assert bool(note) is off
-    if off and config.early_stop:
+    assert kept_epoch(config, rows) == kept
+    if rows < MIN_EVAL_ROWS:
         assert f"{rows} eval rows are too few" in note
+    elif config.keep is None and config.patience is None:
+        assert "its last epoch is kept" in note
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"keep": "latest"}, "keep must be one of last, best"),
+        ({"keep": "last", "patience": 2}, "cannot go with keep 'last'"),
+        ({"keep": "last", "early_stop": True}, "cannot go with keep 'last'"),
+    ],
+)
+def test_a_keep_that_contradicts_early_stopping_is_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ScalerError, match=message):
+        BranchTrainingConfig(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -128,6 +148,24 @@ def test_patience_stops_early_and_no_early_stop_runs_every_epoch(scaler_env: dic
     marked = [m for m in epochs if m[5] == "best so far: saved"]
     assert marked and int(marked[-1][1]) == full["best_epoch"]
     assert float(marked[-1][3]) == pytest.approx(full["accuracy"], abs=5e-4)
+
+
+def test_by_default_the_whole_schedule_runs_and_its_last_epoch_is_saved(scaler_env: dict[str, str]) -> None:
+    """60 eval rows, no flags: every epoch runs (no early stopping), the last is saved, the live
+    lines and the summary say so, and the saved accuracy is the last live line's. A patience
+    with ``--keep last`` is refused in one line."""
+    report, epochs, err = add(scaler_env, "c", "--eval-split", "0.3", "--strategy", "lora", "--epochs", "5")
+    assert "note: early stopping off: the whole schedule runs and its last epoch is kept" in err
+    assert report["kept"] == "last" and report["epochs"] == 5 and not report["stopped_early"]
+    assert report["label_smoothing"] == 0.1  # enough eval rows: smoothed, whatever epoch is kept
+    assert [int(m[1]) for m in epochs] == [1, 2, 3, 4, 5]
+    assert all(m[5] == "the last epoch is saved" for m in epochs)
+    assert float(epochs[-1][3]) == pytest.approx(report["accuracy"], abs=5e-4)
+    proc = run_scaler(
+        "branch", "add", "demo", "d", "--data", str(SMS), "--keep", "last", "--patience", "2", env=scaler_env
+    )
+    assert proc.returncode != 0 and "cannot go with keep 'last'" in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
 
 
 def test_class_weights_are_reported_for_the_skewed_sample(scaler_env: dict[str, str]) -> None:

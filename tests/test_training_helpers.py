@@ -148,7 +148,7 @@ def test_branch_provenance_is_one_fragment_for_both_commands() -> None:
     full, train, evald = data(["a", "b", "a"]), data(["a", "b"]), data(["a"])
     result = TrainingResult(steps=3, epochs_run=1, best_epoch=1, stopped_early=False, seconds=1.23456)
     add = fit_record(BranchTrainingConfig(epochs=1), result)
-    assert add["steps"] == 3 and add["epochs"] == 1 and add["seconds"] == 1.235 and add["kept"] == "best"
+    assert add["steps"] == 3 and add["epochs"] == 1 and add["seconds"] == 1.235 and add["kept"] == "last"
     run = train_run_record(
         run="r",
         start_manifest="sha256:0",

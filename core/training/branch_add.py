@@ -173,9 +173,7 @@ def add_branch(
     model.trunk.requires_grad_(False)  # frozen during branch add, whatever the strategy
     if branch.adapter.needs_base_pass:
         # The adapter lives inside the encoder: no cache is possible, train end to end.
-        training = replace(
-            training, epochs=training.epochs or EPOCHS_IN_ENCODER, patience=min(training.patience, 2)
-        )
+        training = replace(training, epochs=training.epochs or EPOCHS_IN_ENCODER)
         _note_training(note, training, rows)
         model.add_branch(branch_name, branch)
         feature_seconds, cached = 0.0, False

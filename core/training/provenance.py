@@ -68,7 +68,7 @@ def fit_record(config: BranchTrainingConfig, result: TrainingResult) -> dict[str
         "steps": result.steps,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
-        "kept": result.kept,  # (issue 12) "best" eval epoch, or "last" on a tiny eval split
+        "kept": result.kept,  # (issue 12) "last" epoch of the schedule, or the "best" eval epoch
         "class_weights": result.class_weights,
         "label_smoothing": result.label_smoothing,  # the one applied (0.0: the head's own loss)
         "seconds": round(result.seconds, 3),
