@@ -45,6 +45,14 @@ def prune(
             "accuracy on, before and after.",
         ),
     ] = None,
+    no_refit: Annotated[
+        bool,
+        typer.Option(
+            "--no-refit",
+            help="Keep the kept experts' weights as they are (by default their output projections are "
+            "refit by least squares on --data's tokens to make up for the removed ones).",
+        ),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure and report, store nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -61,6 +69,7 @@ def prune(
         text_column=text_column,
         evals=specs,
         dry_run=dry_run,
+        refit=not no_refit,
     )
     if as_json:
         print_json(result.to_json())
@@ -82,6 +91,18 @@ def prune(
             f"removed {removed}",
             markup=False,
         )
+    if result.refit:
+        out.print(
+            f"  kept experts' output projections refit by least squares on {result.refit['tokens']} "
+            f"tokens of --data (--no-refit: keep them as they were)",
+            markup=False,
+        )
+        if result.refit["skipped_layers"]:
+            out.print(
+                f"  note: not refit (too many unknowns for one solve): layers "
+                f"{', '.join(map(str, result.refit['skipped_layers']))}",
+                markup=False,
+            )
     for name, delta in sorted(result.deltas.items()):
         acc = result.accuracy.get(name)
         score = (

@@ -9,8 +9,11 @@
    ``w_out``/``b_out`` slices and their router and noise rows go; the gating plugin and config
    stay (a ``capacity_factor`` is kept as it is: the capacity ``ceil(f N k / E)`` is per expert,
    so the total stays ``f N k``).
-4. Pruning is not function-preserving: the branches' accuracy on the labelled data given for
-   them (``--eval``) and the max |delta logits| over the texts are measured before and after.
+4. The kept experts' output projections are refit by least squares on the same texts' tokens
+   (``growth/prune_refit.py``; off with ``refit=False`` / ``--no-refit``), so each pruned layer
+   gives what the unpruned one gave as nearly as its kept experts can.
+   Pruning is still not function-preserving: the branches' accuracy on the labelled data given
+   for them (``--eval``) and the max |delta logits| over the texts are measured before and after.
 5. Under the store lock, the new trunk's banks and one version through ``with_trunk``. The
    branches recorded on the old trunk are re-recorded on the new one (not stale: the user chose
    to prune and was shown the effect) with new fingerprints and a ``growth`` provenance record
@@ -33,11 +36,13 @@ from scaler_wizard.branch import shared_base_layers
 from scaler_wizard.errors import DataError, GrowthError, ModelNotFoundError
 from scaler_wizard.growth.commit import commit_trunk
 from scaler_wizard.growth.experts import SUPPORTED_GATINGS
+from scaler_wizard.growth.prune_refit import REFIT_RIDGE, REFIT_TOKENS, refit_pruned, sample_tokens
 from scaler_wizard.manifests.facts import is_stale, trunk_ids
 from scaler_wizard.manifests.model import BranchEntry, Manifest, thaw
 from scaler_wizard.modeling.compose import compose, new_trunk_layer
 from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.modeling.model import ScalerModel, Trunk
+from scaler_wizard.modeling.row_routing import length_order
 from scaler_wizard.moe import MoELayer
 from scaler_wizard.training.config import BranchSpec
 from scaler_wizard.training.data import FORMATS, load_labelled
@@ -86,6 +91,8 @@ class PruneResult:
     version: int | None = None
     new_trunk: str | None = None
     rerecorded: list[str] = dataclasses.field(default_factory=list)
+    #: the least-squares refit of the kept experts' output projections: {tokens, ridge}; None: off
+    refit: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,7 +168,8 @@ class Pass:
 
 
 class Texts:
-    """Texts with their base states, computed once and kept (each trunk reuses them)."""
+    """Texts with their base states, computed once and kept (each trunk reuses them). Batched
+    from shortest to longest (little padding); :meth:`run` answers in the order given."""
 
     def __init__(self, model: ScalerModel, texts: Sequence[str], names: list[str]) -> None:
         self.model, self.names = model, names
@@ -170,9 +178,11 @@ class Texts:
         self.own = [n for n, m in zip(names, modules, strict=True) if m.adapter.needs_base_pass]
         self.lower = shared_base_layers(m for m in modules if not m.adapter.needs_base_pass)
         self.batches: list[tuple[dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, ...]]] = []
+        self.order = length_order(texts)
         with torch.inference_mode():
             for start in range(0, len(texts), _BATCH):
-                batch = model.base.tokenize(list(texts[start : start + _BATCH]), model.device)
+                rows = self.order[start : start + _BATCH]
+                batch = model.base.tokenize([texts[i] for i in rows], model.device)
                 extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
                 hidden, lower = model.base.forward_layers(
                     batch["input_ids"], batch["attention_mask"], self.lower, adapter=None, grad=False, **extra
@@ -208,7 +218,12 @@ class Texts:
                         out[n].append(branch(shared).float().cpu())
         finally:
             model.trunk = kept
-        return Pass({n: torch.cat(v) for n, v in out.items()}, counts, tokens)
+        where = torch.tensor(self.order, dtype=torch.long)
+        logits = {}
+        for n, parts in out.items():
+            sorted_logits = torch.cat(parts)
+            logits[n] = torch.empty_like(sorted_logits).index_copy_(0, where, sorted_logits)
+        return Pass(logits, counts, tokens)
 
 
 def plan_prune(trunk: Trunk, counts: list[torch.Tensor], tokens: int, threshold: float) -> list[LayerPrune]:
@@ -353,8 +368,10 @@ def prune(
     text_column: str = "text",
     evals: Sequence[BranchSpec] = (),
     dry_run: bool = False,
+    refit: bool = True,
 ) -> PruneResult:
-    """Remove the experts of model ``name`` routed fewer than ``threshold`` of the tokens of ``data``."""
+    """Remove the experts of model ``name`` routed fewer than ``threshold`` of the tokens of
+    ``data``; with ``refit``, solve the kept experts' output projections on those tokens."""
     head = store.get_ref(name)
     if head is None:
         raise ModelNotFoundError(f"no model named {name!r}", name=name, available=store.models())
@@ -369,6 +386,13 @@ def prune(
     tokens = before.tokens
     plans = plan_prune(model.trunk, before.counts, tokens, threshold)
     new_trunk = pruned_trunk(model.trunk, plans)
+    refitted: dict[str, Any] | None = None
+    if refit:
+        states = [(hidden, batch["attention_mask"].bool()) for batch, hidden, _ in cached.batches]
+        sample = sample_tokens(states, REFIT_TOKENS)
+        skipped = refit_pruned(model.trunk, new_trunk, sample, REFIT_RIDGE)
+        refitted = {"tokens": len(sample), "ridge": REFIT_RIDGE, "skipped_layers": skipped}
+        del sample
     after = cached.run(new_trunk)
     del cached
     deltas = {n: float((after.logits[n] - before.logits[n]).abs().max()) for n in names}
@@ -387,6 +411,7 @@ def prune(
         parent=str(head),
         parent_version=parent.version,
         old_trunk=trunk_ids(parent)[0],
+        refit=refitted,
     )
     if dry_run:
         return result
@@ -397,15 +422,17 @@ def prune(
     finally:
         model.trunk = old_trunk
     sizes = ", ".join(f"{p.layer}: {len(p.utilization)}->{len(p.kept)}" for p in plans if p.removed)
+    how = f"; kept experts refit on {refitted['tokens']} tokens" if refitted else ""
     message = (
         f"prune experts below utilization {threshold:g} (layers {sizes}; "
-        f"max |delta logits| {result.max_delta:.3g})"
+        f"max |delta logits| {result.max_delta:.3g}{how})"
     )
 
     def rerecord(new_tid: str, version: int) -> tuple[dict[str, BranchEntry], list[str]]:
         record = {
             "operator": _OP,
-            "arguments": {"min_utilization": threshold, "text_column": text_column},
+            "arguments": {"min_utilization": threshold, "text_column": text_column, "refit": refit},
+            "refit": refitted,
             "since_version": version,
             "data": {"path": str(data), "sha256": result.data_sha256, "texts": len(texts), "tokens": tokens},
             "details": result.layers,
