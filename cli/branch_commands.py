@@ -160,7 +160,8 @@ def _json_config(raw: str | None, option: str, **overrides: Any) -> dict[str, An
 def _kept_text(training: Any) -> str:
     """Which epoch's weights were saved, and why (issue 12: the live lines say the same)."""
     if training.kept == "last":
-        text = f"epoch {training.epochs_run}, the last ({training.early_stop_note})"
+        why = training.early_stop_note.removeprefix("early stopping off: ")
+        text = f"epoch {training.epochs_run}, the last: {why}"
     else:
         text = f"epoch {training.best_epoch} (best eval macro-F1)"
         if training.early_stop_note:
