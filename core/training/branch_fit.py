@@ -54,7 +54,7 @@ DEFAULT_BATCH, MIN_AUTO_BATCH = 64, 8
 class BranchTrainingConfig:
     """Recipe for ``branch add`` (defaults from the source documents where they give one)."""
 
-    epochs: int | None = None  # None: 40 on cached features, 3 for in-encoder strategies
+    epochs: int | None = None  # None: 20 on cached features (40 on small data), 3 in-encoder
     max_steps: int | None = None
     #: None: 64, or on small data fewer rows a batch (at least 8) so an epoch is >= 8 steps
     batch_size: int | None = None
