@@ -91,7 +91,8 @@ class PruneResult:
     version: int | None = None
     new_trunk: str | None = None
     rerecorded: list[str] = dataclasses.field(default_factory=list)
-    #: the least-squares refit of the kept experts' output projections: {tokens, ridge}; None: off
+    #: the least-squares refit of the kept experts' output projections: {tokens, ridge,
+    #: skipped_layers}; None: off
     refit: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
