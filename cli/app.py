@@ -194,6 +194,11 @@ def command_options(group: Any, args: list[str]) -> set[str]:
             command = command.commands.get(word)
     if command is None or hasattr(command, "commands"):
         return set()
+    return _option_names(command)
+
+
+def _option_names(command: Any) -> set[str]:
+    """Every option name a click command declares (``--store``, ``-s``, ``--no-x``...)."""
     return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
 
 
@@ -211,7 +216,7 @@ def with_global_options_epilog(group: Any) -> None:
         if hasattr(command, "commands"):
             with_global_options_epilog(command)
             continue
-        own = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        own = _option_names(command)
         if not own & {*_ROOT_OPTIONS_WITH_VALUE, *_GLOBAL_FLAGS} and not command.epilog:
             command.epilog = GLOBAL_OPTIONS_EPILOG
 

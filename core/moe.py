@@ -107,9 +107,14 @@ class MoELayer(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(e, d))
         nn.init.normal_(self.w_in, std=d**-0.5)
 
+    def expert_inner(self, index: int, x: Tensor) -> Tensor:
+        """Expert ``index``'s hidden activation on tokens x (n, d) -> (n, expert_hidden): what its
+        output projection reads (the pruning refit solves that projection on it)."""
+        return F.gelu(x @ self.w_in[index] + self.b_in[index])
+
     def expert(self, index: int, x: Tensor) -> Tensor:
         """Expert ``index`` on tokens x (n, d) -> (n, d)."""
-        return F.gelu(x @ self.w_in[index] + self.b_in[index]) @ self.w_out[index] + self.b_out[index]
+        return self.expert_inner(index, x) @ self.w_out[index] + self.b_out[index]
 
     def _dispatch(self, xn: Tensor, combine: Tensor) -> Tensor:
         """Every expert on its tokens, weighted and summed: (N, d), (N, E) -> (N, d).

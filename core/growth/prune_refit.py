@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from scaler_wizard.modeling.model import Trunk
@@ -75,7 +74,7 @@ def _normal_equations(layer: MoELayer, x: Tensor, target: Tensor) -> tuple[Tenso
         feats, where = [], []
         for e in range(k):
             rows = (combine[:, e] > 0).nonzero().flatten()
-            inner = F.gelu(xn[rows] @ layer.w_in[e] + layer.b_in[e])
+            inner = layer.expert_inner(e, xn[rows])
             f = torch.cat([inner, inner.new_ones(len(rows), 1)], 1) * combine[rows, e : e + 1]
             pos = torch.full((len(xc),), -1, dtype=torch.long, device=x.device)
             pos[rows] = torch.arange(len(rows), device=x.device)
@@ -121,6 +120,7 @@ def refit_pruned(old: Trunk, new: Trunk, tokens: Tensor, ridge: float = REFIT_RI
     old.eval()
     new.eval()  # the routing as it serves: no noise, no dropout
     x_old, x_new = tokens, tokens.clone()
+    last = len(new.layers) - 1
     for i, (before, after) in enumerate(zip(old.layers, new.layers, strict=True)):
         assert isinstance(before, MoELayer) and isinstance(after, MoELayer)
         target = _layer_out(before, x_old)
@@ -129,7 +129,8 @@ def refit_pruned(old: Trunk, new: Trunk, tokens: Tensor, ridge: float = REFIT_RI
                 skipped.append(i)
             else:
                 refit_layer(after, x_new, target, ridge)
-        x_old, x_new = target, _layer_out(after, x_new)
+        if i < last:  # the next layer's inputs (the top layer's outputs feed nothing here)
+            x_old, x_new = target, _layer_out(after, x_new)
     return skipped
 
 
