@@ -13,6 +13,9 @@ from rich.table import Table
 from scaler_wizard.cli.state import err, open_store, out, print_json
 from scaler_wizard.training.events import TrainEvents
 
+#: settings whose option is not named after the setting
+OPTION_NAMES = {"train_base_layers": "--train-new-base-layers"}
+
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
@@ -66,6 +69,14 @@ def train(
     cache_float16: Annotated[
         bool | None, typer.Option("--cache-float16", help="Store cached base states as float16.")
     ] = None,
+    train_new_base_layers: Annotated[
+        bool | None,
+        typer.Option(
+            "--train-new-base-layers",
+            help="Also train the base blocks `scaler expand add-base-layer` inserted (the rest of the base "
+            "stays frozen); the version gets a new base bank.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
 ) -> None:
     """Train the MoE trunk, gating, adapters and heads together; save a new version.
@@ -95,12 +106,13 @@ def train(
         "seed": seed,
         "base_cache": base_cache,
         "cache_float16": cache_float16,
+        "train_base_layers": train_new_base_layers,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     store = open_store()
     if resume is not None:
         given = [opt for opt, v in (("--branch", branch), ("--config", config), ("--run-dir", run_dir)) if v]
-        given += [f"--{k.replace('_', '-')}" for k in overrides]
+        given += [OPTION_NAMES.get(k, f"--{k.replace('_', '-')}") for k in overrides]
         if given or allow_stale_branches:
             raise TrainConfigError(
                 f"--resume continues a run with the settings in its run.json; drop {', '.join(given) or '--allow-stale-branches'}"
@@ -189,6 +201,9 @@ def _finished(result: dict[str, Any], as_json: bool, *, already: bool = False) -
         f"run      {result['run_dir']}  (plots: scaler report {result['run_dir']})",
         markup=False,
     )
+    if t.get("base_layers_trained"):
+        blocks = ", ".join(str(i) for i in t["base_layers_trained"])
+        out.print(f"base     blocks {blocks} trained (the rest frozen): a new base bank", markup=False)
     if result.get("stale"):
         out.print(
             f"stale    {', '.join(result['stale'])} (their outputs changed; marked in the manifest)",

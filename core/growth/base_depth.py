@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from scaler_wizard.errors import GrowthError
+from scaler_wizard.errors import GrowthError, ScalerError
 from scaler_wizard.inspection import structure as st
 from scaler_wizard.inspection.architecture import Architecture, detect
+from scaler_wizard.modeling.base_blocks import is_projection, the_stack
 
 OPERATOR = "add-base-layer"
 #: plain attributes that are a block's own index: they differ between positions by design
@@ -83,13 +84,10 @@ def refuse_unless_pre_ln(arch: Architecture) -> None:
 
 
 def _stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    stacks = st.block_stacks(model)
-    if len(stacks) != 1:
-        names = ", ".join(n for n, _ in stacks) or "none"
-        raise GrowthError(
-            f"{OPERATOR}: expected one stack of blocks in the base, found {names}", operator=OPERATOR
-        )
-    return stacks[0]
+    try:
+        return the_stack(model)
+    except ScalerError as exc:
+        raise GrowthError(f"{OPERATOR}: {exc}", operator=OPERATOR) from exc
 
 
 def output_projections(model: nn.Module, block: nn.Module, hidden: int, run: Any) -> list[str]:
@@ -104,7 +102,7 @@ def output_projections(model: nn.Module, block: nn.Module, hidden: int, run: Any
             handles.append(
                 module.register_forward_pre_hook(lambda m, a: calls.append(("norm", names[id(m)])))
             )
-        elif st.is_projection(module):
+        elif is_projection(module):
             handles.append(
                 module.register_forward_pre_hook(lambda m, a: calls.append(("proj", names[id(m)])))
             )

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from scaler_wizard.inspection import structure as st
+from scaler_wizard.modeling.base_blocks import block_stacks, is_projection
 
 #: A twin with more parameters than this is not materialised (the probes fall back to static checks).
 TWIN_LIMIT = 60_000_000
@@ -139,7 +140,7 @@ def detect(config: Any, module: nn.Module | None = None, *, probe: bool = True) 
     evidence: dict[str, str] = {}
     hidden = int(_cfg(config, "hidden_size", "d_model", "n_embd", "dim"))
     heads = int(_cfg(config, "num_attention_heads", "num_heads", "n_head", "n_heads"))
-    stacks = st.block_stacks(module)
+    stacks = block_stacks(module)
     if not stacks:
         from scaler_wizard.errors import ScalerError
 
@@ -151,7 +152,7 @@ def detect(config: Any, module: nn.Module | None = None, *, probe: bool = True) 
     twin = _twin(config) if probe else None
     twin_block = None
     if twin is not None:
-        twin_stacks = st.block_stacks(twin)
+        twin_stacks = block_stacks(twin)
         twin_block = twin_stacks[0][1][len(twin_stacks[0][1]) - 1]
 
     family = _family(config, module, stacks, twin, evidence)
@@ -287,7 +288,7 @@ def _kv_heads(config: Any, block: nn.Module, hidden: int, heads: int, evidence: 
     head_dim = _head_dim(config, hidden, heads)
     for name, sub in block.named_modules():
         leaf = name.rpartition(".")[2]
-        if not st.is_projection(sub):
+        if not is_projection(sub):
             continue
         _, out_f = st.projection_shape(sub)
         if leaf in _KEY_NAMES and out_f % head_dim == 0:
@@ -395,7 +396,7 @@ def _ffn_size(config: Any, block: nn.Module, hidden: int, evidence: dict[str, st
         return value
     widest = 0
     for name, sub in block.named_modules():
-        if st.is_projection(sub):
+        if is_projection(sub):
             in_f, out_f = st.projection_shape(sub)
             if out_f == hidden and in_f > widest:
                 widest = in_f

@@ -20,39 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def block_stacks(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every stack of transformer blocks (``ModuleList`` of one class with weights), in order."""
-    stacks = []
-    for name, child in module.named_modules():
-        if not isinstance(child, nn.ModuleList) or len(child) == 0:
-            continue
-        kinds = {type(item) for item in child}
-        if len(kinds) != 1:
-            continue
-        first = child[0]
-        has_proj = any(is_projection(m) for m in first.modules())
-        if has_proj:
-            stacks.append((name, child))
-    # a stack nested inside another stack's block (e.g. T5's ``layer`` list inside a block) is
-    # part of that block, not a stack of its own
-    outer = [
-        (name, stack)
-        for name, stack in stacks
-        if not any(name != other and name.startswith(other + ".") for other, _ in stacks)
-    ]
-    return outer
-
-
-def is_projection(module: nn.Module) -> bool:
-    """A leaf with a 2-D weight that is not an embedding table (Linear, Conv1D...)."""
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-        and not isinstance(module, nn.Embedding)
-        and not any(True for _ in module.children())
-    )
+from scaler_wizard.modeling.base_blocks import is_projection
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:

@@ -276,8 +276,12 @@ def save_version(
     name: str | None = None,
     records: Mapping[str, TrainedRecord] | None = None,
     entries: Mapping[str, BranchEntry] | None = None,
+    base_entry: BaseEntry | None = None,
 ) -> BankHash:
     """Save a model as a new version: banks first, then the manifest, then the ref (last).
+
+    ``base_entry`` replaces the base's entry (``scaler train --train-new-base-layers`` saves
+    the trained base as a new bank); by default the version keeps the one it was composed on.
 
     Each loaded branch's entry is made from its module and its banks (``records[name]``
     says how a branch trained just before was trained); each branch not loaded since
@@ -323,7 +327,7 @@ def save_version(
             trunk=model.trunk,
             branches=branches,
             base=model.base,
-            base_entry=origin.manifest.base,
+            base_entry=origin.manifest.base if base_entry is None else base_entry,
             previous=origin.manifest,
             kept={**origin.manifest.branches, **(entries or {})},
             records=records,

@@ -31,6 +31,9 @@ class TrainConfig:
     lr_gating: float = field(default=5e-4, metadata={"help": "gating (router) weights"})
     lr_adapters: float = field(default=5e-4, metadata={"help": "branch adapters"})
     lr_heads: float = field(default=1e-3, metadata={"help": "branch heads"})
+    lr_base_layers: float = field(
+        default=1e-4, metadata={"help": "base blocks inserted by add-base-layer (with train_base_layers)"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=500, metadata={"help": "linear warm-up, then linear decay to 0"})
     warmup_fraction: float = field(
@@ -53,6 +56,12 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in the run folder"})
     base_cache: bool = field(default=True, metadata={"help": "cache the frozen base's token states on disk"})
     cache_float16: bool = field(default=False, metadata={"help": "store cached base states as float16"})
+    train_base_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "also train the base blocks `scaler expand add-base-layer` inserted (the rest stays frozen)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for splits, new branches, sampling and noise"})
     # quality checks (the source documents' checklist), reported as warnings while training
     collapse_threshold: float = field(

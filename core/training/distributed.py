@@ -70,3 +70,30 @@ def start_run(
     path = broadcast_text(accelerator, path)
     accelerator.wait_for_everyone()
     return Path(path)
+
+
+def reduce_step(
+    acc: Any, out: dict[str, torch.Tensor], loss: torch.Tensor, branch: torch.Tensor
+) -> dict[str, Any]:
+    """A step's values every process agrees on: one all-reduce for the scalars and expert
+    loads, one all-gather for the per-example values."""
+    load = out["load"].to(torch.float64)
+    losses = torch.stack([loss.detach(), out["loss"].detach(), out["aux"].detach(), out["tokens"]])
+    scalars = torch.cat([losses.to(torch.float64), load.flatten()])
+    examples = torch.stack([out["example_loss"], out["correct"], branch.to(out["correct"].dtype)], 1).to(
+        torch.float64
+    )
+    if acc.num_processes > 1:
+        scalars = acc.reduce(scalars, reduction="sum")
+        examples = acc.gather(examples)
+    scalars = scalars.cpu()
+    nproc = acc.num_processes
+    total_loss, task_loss, aux_loss = (float(scalars[i]) / nproc for i in range(3))
+    return {
+        "loss": total_loss,
+        "task_loss": task_loss,
+        "aux_loss": aux_loss,
+        "tokens": float(scalars[3]),
+        "load_counts": scalars[4:].reshape(load.shape).tolist(),
+        "examples": examples.cpu(),
+    }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from scaler_wizard.branch import Branch
 from scaler_wizard.modeling.base_encoder import BaseEncoder
@@ -23,9 +24,11 @@ def eval_branch(
     base: BaseEncoder,
     device: torch.device,
     lower: int = 0,
+    trunk_input: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, loss and the full classification metrics on the branch's eval rows
-    (``lower``: the base layers below the last the run's states carry, see ``run_trunk``)."""
+    (``lower``: the base layers below the last the run's states carry, see ``run_trunk``;
+    ``trunk_input``: what turns them into the trunk's input, ``MultiTaskModule.trunk_input``)."""
     preds: list[int] = []
     loss_sum = 0.0
     n = len(part.eval)
@@ -38,7 +41,10 @@ def eval_branch(
                 batch = base.tokenize([part.eval.texts[i] for i in idx], device)
                 states = base_states(base, batch, lower)
                 mask = batch["attention_mask"].bool()
-            logits = branch(run_trunk(trunk, states.to(device), mask.to(device))).float()
+            states, mask = states.to(device), mask.to(device)
+            if trunk_input is not None:
+                states = trunk_input(states, mask)
+            logits = branch(run_trunk(trunk, states, mask)).float()
             y = part.eval_y[idx].to(device)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds += logits.argmax(-1).tolist()
@@ -54,7 +60,15 @@ def evaluate(
     module.eval()
     try:
         return {
-            p.name: eval_branch(module.trunk, module.branches[p.name], p, base, device, module.lower)  # type: ignore[arg-type]
+            p.name: eval_branch(
+                module.trunk,
+                module.branches[p.name],  # type: ignore[arg-type]
+                p,
+                base,
+                device,
+                module.lower,
+                module.trunk_input,
+            )
             for p in parts
         }
     finally:

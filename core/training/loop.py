@@ -33,6 +33,7 @@ from scaler_wizard.manifests.facts import mark_stale
 from scaler_wizard.modeling.compose import compose, save_version, trunk_id
 from scaler_wizard.modeling.fingerprint import fingerprint_of, probe_logits
 from scaler_wizard.modeling.model import ScalerModel
+from scaler_wizard.training.base_layers import BaseBlocks, base_entry_after, inserted_layers
 from scaler_wizard.training.batches import BranchData, Collate, MixedDataset, load_branch_data
 from scaler_wizard.training.branch_fit import check_finite_weights, finite_loss
 from scaler_wizard.training.checkpoint import (
@@ -43,7 +44,7 @@ from scaler_wizard.training.checkpoint import (
     save_checkpoint,
 )
 from scaler_wizard.training.config import BranchSpec, TrainConfig, TrainConfigError
-from scaler_wizard.training.distributed import make_accelerator, peak_memory_mb, start_run
+from scaler_wizard.training.distributed import make_accelerator, peak_memory_mb, reduce_step, start_run
 from scaler_wizard.training.evaluate import evaluate
 from scaler_wizard.training.events import TrainEvents
 from scaler_wizard.training.finish import check_head, plan_digest
@@ -131,15 +132,23 @@ class TrainRun:
         assert self.model.origin is not None
         self.old_trunk = trunk_id(self.model.origin.manifest)
         self.base = self.model.base
-        self.digest_before, trainable_in_base = base_digest(self.base)
-        if trainable_in_base:
-            raise ScalerError(
-                f"the base encoder has {trainable_in_base} trainable parameters: it must be frozen"
-            )
         torch.manual_seed(derived_seed(self.cfg.seed, "init"))
         for spec in self.plan.branches:
             self._add_branch(spec)
         self.model.to(self.acc.device)
+        self.blocks: BaseBlocks | None = None
+        self.trained_names: frozenset[str] = frozenset()
+        if self.cfg.train_base_layers:
+            entry = self.model.origin.manifest.base
+            self.blocks = BaseBlocks(self.base, inserted_layers(entry, self.plan.model), self.lower)
+            self.blocks.check(self.parts[0].train.texts[:8])
+            self.trained_names = self.blocks.trained_names()
+            self.ev.message(f"base blocks {self.blocks.inserted} train too (lr {self.cfg.lr_base_layers:g})")
+        self.digest_before, trainable_in_base = base_digest(self.base, self.trained_names)
+        if trainable_in_base:
+            raise ScalerError(
+                f"the base encoder has {trainable_in_base} trainable parameters: it must be frozen"
+            )
         self.probs = sampling_probabilities([len(p.train) for p in self.parts], self.cfg.temperature)
         for p, prob in zip(self.parts, self.probs, strict=True):
             self.ev.message(
@@ -160,8 +169,10 @@ class TrainRun:
 
     @property
     def lower(self) -> int:
-        """Base layers below the last that the run's branches read (the states carry them)."""
-        return shared_base_layers(self.branches.values())
+        """Base layers below the last the states carry: those the run's branches read, or with
+        trained base blocks as many as hold the lowest one's input."""
+        blocks = getattr(self, "blocks", None)
+        return blocks.lower if blocks is not None else shared_base_layers(self.branches.values())
 
     # 3. Base states: computed once (local main process first), then read from the cache file.
     def load_base_states(self) -> None:
@@ -193,7 +204,8 @@ class TrainRun:
     # 4. Module, optimizer, schedule, data (and, resuming, the checkpoint's state of each).
     def prepare(self) -> None:
         cfg, acc = self.cfg, self.acc
-        self.module = MultiTaskModule(self.model.trunk, self.branches, [p.name for p in self.parts])
+        order = [p.name for p in self.parts]
+        self.module = MultiTaskModule(self.model.trunk, self.branches, order, self.blocks)
         self.module.train()
         self.optimizer = torch.optim.AdamW(parameter_groups(self.module, cfg), weight_decay=cfg.weight_decay)
         self.scheduler = warmup_linear_schedule(self.optimizer, cfg.warmup, cfg.steps)
@@ -307,7 +319,9 @@ class TrainRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm, "lr": lrs, **self._reduce(out, loss, batch["branch"])}
+        stats = reduce_step(acc, out, loss, batch["branch"])
+        finite_loss(stats["loss"], self.step)  # every process sees the same reduced value
+        return {"grad_norm": grad_norm, "lr": lrs, **stats}
 
     def _states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's base states and mask: cached ones, or the frozen base run on its tokens."""
@@ -315,33 +329,6 @@ class TrainRun:
             return batch["states"], batch["mask"]
         tokens = {k: v for k, v in batch.items() if k not in ("branch", "target")}
         return base_states(self.base, tokens, self.lower), batch["attention_mask"].bool()
-
-    def _reduce(
-        self, out: dict[str, torch.Tensor], loss: torch.Tensor, branch: torch.Tensor
-    ) -> dict[str, Any]:
-        """One all-reduce for the scalars and loads, one all-gather for the per-example values."""
-        acc = self.acc
-        load = out["load"].to(torch.float64)
-        losses = torch.stack([loss.detach(), out["loss"].detach(), out["aux"].detach(), out["tokens"]])
-        scalars = torch.cat([losses.to(torch.float64), load.flatten()])
-        examples = torch.stack([out["example_loss"], out["correct"], branch.to(out["correct"].dtype)], 1).to(
-            torch.float64
-        )
-        if acc.num_processes > 1:
-            scalars = acc.reduce(scalars, reduction="sum")
-            examples = acc.gather(examples)
-        scalars = scalars.cpu()
-        nproc = acc.num_processes
-        total_loss, task_loss, aux_loss = (float(scalars[i]) / nproc for i in range(3))
-        finite_loss(total_loss, self.step)  # every process sees the same reduced value
-        return {
-            "loss": total_loss,
-            "task_loss": task_loss,
-            "aux_loss": aux_loss,
-            "tokens": float(scalars[3]),
-            "load_counts": scalars[4:].reshape(load.shape).tolist(),
-            "examples": examples.cpu(),
-        }
 
     def _log_step(self, stats: dict[str, Any], seconds: float) -> None:
         """The step's record, and the quality checks on it."""
@@ -394,7 +381,7 @@ class TrainRun:
 
     # 6. Nothing is saved unless the base is unchanged and every trained weight is finite.
     def check_weights(self) -> None:
-        digest_after, trainable_after = base_digest(self.base)
+        digest_after, trainable_after = base_digest(self.base, self.trained_names)
         if digest_after != self.digest_before or trainable_after:
             raise ScalerError("the base encoder's weights changed during training: refusing to save (a bug)")
         check_finite_weights(self.module, "the trained model")
@@ -448,7 +435,14 @@ class TrainRun:
             message += f"; stale: {', '.join(plan.stale)}"
         if self.saved is not None:
             return self.saved
-        return str(save_version(self.store, model, message=message, records=trained, entries=stale))
+        base = None
+        if self.blocks is not None:
+            message += f"; base blocks {', '.join(map(str, self.blocks.inserted))} trained"
+            base = base_entry_after(self.store, model.origin.manifest.base, self.base)
+        saved = save_version(
+            self.store, model, message=message, records=trained, entries=stale, base_entry=base
+        )
+        return str(saved)
 
     def result(self, manifest: str) -> TrainResult:
         """The run's summary, for ``result.json`` and the CLI's table."""
@@ -479,7 +473,8 @@ class TrainRun:
                 else 0.0,
                 "peak_memory_mb": peak_memory_mb(self.acc.device),
                 "processes": self.acc.num_processes,
-                "base_unchanged": True,
+                "base_unchanged": self.blocks is None,
+                "base_layers_trained": [] if self.blocks is None else self.blocks.inserted,
             },
             warnings=self.checks.warnings,
             stale=plan.stale,

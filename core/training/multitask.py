@@ -4,7 +4,7 @@ the recipe's parameter groups and the check that the base stays frozen."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import torch
@@ -15,9 +15,10 @@ from scaler_wizard.branch import Branch, TrunkOutput, shared_base_layers
 from scaler_wizard.errors import ScalerError
 from scaler_wizard.modeling.base_encoder import BaseEncoder
 from scaler_wizard.modeling.model import Trunk
+from scaler_wizard.training.base_layers import BaseBlocks
 from scaler_wizard.training.config import TrainConfig
 
-PARAM_GROUPS = ("experts", "gating", "adapters", "heads")
+PARAM_GROUPS = ("experts", "gating", "adapters", "heads", "base_layers")
 
 
 def run_trunk(trunk: Trunk, states: Tensor, mask: Tensor) -> TrunkOutput:
@@ -42,21 +43,38 @@ def base_states(base: BaseEncoder, batch: dict[str, Tensor], lower: int) -> Tens
 
 
 class MultiTaskModule(nn.Module):
-    """Trunk and branches (the very modules of the ScalerModel, shared, not copied)."""
+    """Trunk and branches (the very modules of the ScalerModel, shared, not copied); with
+    ``base_blocks``, the base blocks the run trains too (``training.base_layers``)."""
 
-    def __init__(self, trunk: Trunk, branches: dict[str, Branch], order: Sequence[str]) -> None:
+    def __init__(
+        self,
+        trunk: Trunk,
+        branches: dict[str, Branch],
+        order: Sequence[str],
+        base_blocks: BaseBlocks | None = None,
+    ) -> None:
         super().__init__()
         self.trunk = trunk
         self.branches = nn.ModuleDict({n: branches[n] for n in order})
         self.order = list(order)
-        #: base layers below the last the run's branches read (the states carry them)
-        self.lower = shared_base_layers(self.branches[n] for n in self.order)  # type: ignore[misc]
+        self.base_blocks = base_blocks
+        #: base layers below the last the states carry (those the branches read, or with
+        #: base_blocks as many as hold the lowest trained block's input)
+        self.lower = (
+            base_blocks.lower
+            if base_blocks is not None
+            else shared_base_layers(self.branches[n] for n in self.order)  # type: ignore[misc]
+        )
+
+    def trunk_input(self, states: Tensor, mask: Tensor) -> Tensor:
+        """The states the trunk takes: as given, or run through the trained base blocks."""
+        return states if self.base_blocks is None else self.base_blocks(states, mask)
 
     def forward(self, states: Tensor, mask: Tensor, branch: Tensor, target: Tensor) -> dict[str, Tensor]:
         """states (B, T, d) (or (B, T, n + 1, d), see :func:`run_trunk`), mask (B, T) bool,
         branch (B,) index into ``order``, target (B,)."""
         assert states.dim() in (3, 4) and mask.shape == states.shape[:2], (states.shape, mask.shape)
-        out = run_trunk(self.trunk, states, mask)
+        out = run_trunk(self.trunk, self.trunk_input(states, mask), mask)
         n = states.shape[0]
         task = states.new_zeros(())
         example_loss = states.new_zeros(n)
@@ -103,7 +121,9 @@ def parameter_groups(module: MultiTaskModule, config: TrainConfig) -> list[dict[
         if not p.requires_grad:
             continue
         parts = name.split(".")
-        if parts[0] == "trunk":
+        if parts[0] == "base_blocks":
+            groups["base_layers"].append(p)
+        elif parts[0] == "trunk":
             groups["gating" if len(parts) > 3 and parts[3] == "gating" else "experts"].append(p)
         elif parts[0] == "branches" and parts[2] == "adapter":
             groups["adapters"].append(p)
@@ -116,6 +136,7 @@ def parameter_groups(module: MultiTaskModule, config: TrainConfig) -> list[dict[
         "gating": config.lr_gating,
         "adapters": config.lr_adapters,
         "heads": config.lr_heads,
+        "base_layers": config.lr_base_layers,
     }
     return [
         {"params": groups[g], "lr": lrs[g], "name": g, "weight_decay": config.weight_decay}
@@ -124,12 +145,17 @@ def parameter_groups(module: MultiTaskModule, config: TrainConfig) -> list[dict[
     ]
 
 
-def base_digest(base: BaseEncoder) -> tuple[str, int]:
-    """(sha256 of every base tensor's name, dtype, shape and bytes; trainable parameter count)."""
+def base_digest(base: BaseEncoder, trained: Container[str] = ()) -> tuple[str, int]:
+    """(sha256 of every base tensor's name, dtype, shape and bytes; trainable parameter
+    count), both leaving out the tensors named in ``trained`` (the blocks a run trains)."""
     h = hashlib.sha256()
     for name, tensor in sorted(base.model.state_dict().items()):
+        if name in trained:
+            continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    trainable = sum(
+        p.numel() for n, p in base.model.named_parameters() if p.requires_grad and n not in trained
+    )
     return h.hexdigest(), trainable

@@ -96,6 +96,10 @@ def plan_run(
             "train a model by name (its current version); roll back first to train an older one"
         )
     manifest = store.manifest(h, where=f"manifest {h.short} ({name})")
+    if config.train_base_layers:
+        from scaler_wizard.training.base_layers import inserted_layers
+
+        inserted_layers(manifest.base, name)
     stale = stale_branches(manifest, names)
     if stale and not allow_stale_branches:
         raise ScalerError(
