@@ -134,8 +134,8 @@ def _finished(result: dict[str, Any], as_json: bool, *, already: bool = False) -
         out.print(f"run {result['run_dir']} had already finished:", markup=False)
     for name, t in result["teachers"].items():
         out.print(
-            f"{name:<12} held-out loss {t['eval_loss_before']:.4f} -> {t['eval_loss_after']:.4f}  "
-            f"router weight {t['router_weight']:.2f}{'  (frozen)' if t['frozen'] else ''}",
+            f"{name:<12} held-out loss {t['eval_loss_before']:.4f} -> {t['eval_loss_after']:.4f}"
+            f"{_explained(t)}  router weight {t['router_weight']:.2f}{'  (frozen)' if t['frozen'] else ''}",
             markup=False,
         )
     out.print(
@@ -152,6 +152,15 @@ def _finished(result: dict[str, Any], as_json: bool, *, already: bool = False) -
         out.print(
             f"warnings {len(result['warnings'])}; last: {result['warnings'][-1]['message']}", markup=False
         )
+
+
+def _explained(teacher: dict[str, Any]) -> str:
+    """``  R² a -> b``: the share of the teacher's held-out feature variance its adapter explains
+    (0 = predicting the mean), which a loss's fall from a random adapter's does not show."""
+    before, after = teacher.get("explained_before"), teacher.get("explained_after")
+    if before is None or after is None:
+        return ""
+    return f"  R² {before:.2f} -> {after:.2f}"
 
 
 class _QuietEvents(TrainEvents):
@@ -171,7 +180,11 @@ class _PrintEvents(_QuietEvents):
             err.print(f"step {record['step']}: loss {record['loss']:.4f} ({per})", markup=False)
 
     def evaluated(self, record: dict[str, Any]) -> None:
-        per = ", ".join(f"{n} {v:.4f}" for n, v in record["per_teacher_loss"].items())
+        r2 = record.get("explained", {})
+        per = ", ".join(
+            f"{n} {v:.4f}" + (f" (R² {r2[n]:.2f})" if n in r2 else "")
+            for n, v in record["per_teacher_loss"].items()
+        )
         err.print(f"step {record['step']}: held-out feature loss {per}", markup=False)
 
     def checkpoint(self, step: int, path: Path) -> None:

@@ -82,6 +82,10 @@ def test_distillation_lowers_held_out_feature_loss(dstore: ContentStore) -> None
     a = result.teachers["a"]
     assert a["eval_loss_after"] < 0.8 * a["eval_loss_before"], a
     assert result.eval_before["rows"] == 20  # 10% of the 200 texts held out
+    # R² from the same predictions: one layer, MSE, so 1 - R² is the loss over a fixed variance
+    assert a["explained_before"] < a["explained_after"] <= 1.0
+    ratio = (1 - a["explained_before"]) / (1 - a["explained_after"])
+    assert ratio == pytest.approx(a["eval_loss_before"] / a["eval_loss_after"], rel=1e-4)
     teachers = teachers_of(dstore)
     adapter = teachers["a"].adapter
     assert adapter is not None and adapter.loss == "mse" and adapter.trunk == result.trunk["new"]
@@ -100,6 +104,26 @@ def test_distillation_lowers_held_out_feature_loss(dstore: ContentStore) -> None
     checks = verify_version(dstore, dstore.resolve("tiny"))
     fields = {c.what for c in checks if c.ok}
     assert "teachers.a.adapter.bank" in fields and "teachers.a.adapter.router.bank" in fields
+
+
+def test_explained_variance_is_r2_over_batches() -> None:
+    from scaler_wizard.distillation.distill_module import ExplainedVariance
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(50, 6, generator=g) * torch.arange(1, 7)
+    noise = torch.randn(50, 6, generator=g)
+    for pred, want in ((y, 1.0), (y.mean(0).expand_as(y), 0.0)):
+        ev = ExplainedVariance()
+        ev.add({"t": {-1: pred}}, {"t": {-1: y}})
+        assert ev.result()["t"] == pytest.approx(want, abs=1e-9)
+    whole, parts = ExplainedVariance(), ExplainedVariance()
+    whole.add({"t": {-1: y + noise}}, {"t": {-1: y}})
+    for lo in (0, 17, 33):  # batches of uneven size give the same R²
+        hi = {0: 17, 17: 33, 33: 50}[lo]
+        parts.add({"t": {-1: (y + noise)[lo:hi]}}, {"t": {-1: y[lo:hi]}})
+    sst = ((y - y.mean(0)) ** 2).sum()
+    assert parts.result()["t"] == pytest.approx(whole.result()["t"])
+    assert whole.result()["t"] == pytest.approx(1 - float((noise**2).sum() / sst))
 
 
 def test_second_teacher_later_keeps_first_adapter_bytes(dstore: ContentStore) -> None:
@@ -267,7 +291,7 @@ def test_cli_end_to_end(dstore: ContentStore) -> None:
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    assert "held-out loss" in r.stdout and "(frozen)" in r.stdout
+    assert "held-out loss" in r.stdout and "(frozen)" in r.stdout and "R² " in r.stdout
     assert teachers_of(dstore)["a"].adapter.bank == first  # type: ignore[union-attr]
     again = run_scaler("distill", "tiny", "--resume", out["run_dir"], "--json", env=env)
     assert again.returncode == 0 and json.loads(again.stdout)["already_finished"]

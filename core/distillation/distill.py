@@ -46,7 +46,12 @@ from scaler_wizard.distillation.distill_branches import (
     evaluate_branches,
     load_branch_tasks,
 )
-from scaler_wizard.distillation.distill_module import DistillModule, TeacherAdapter, build_router
+from scaler_wizard.distillation.distill_module import (
+    DistillModule,
+    ExplainedVariance,
+    TeacherAdapter,
+    build_router,
+)
 from scaler_wizard.distillation.distill_plan import (
     RESULT_FILE,
     DistillConfig,
@@ -376,11 +381,12 @@ class DistillRun:
     def evaluate(self, at: int) -> dict[str, Any]:
         """Held-out feature loss: per teacher (unweighted), and router-weighted; router weights."""
         self.module.eval()
-        per, weights = [], []
+        per, weights, fit = [], [], ExplainedVariance()
         rows = self.eval_rows
         for lo in range(0, len(rows), 64):
             states, mask, targets = self._batch(rows[lo : lo + 64])
             out = self.module(states, mask, targets)
+            fit.add(out["preds"], targets)
             per.append(out["per_teacher"])
             weights.append(out["weights"])
         p, w = torch.cat(per), torch.cat(weights)
@@ -391,6 +397,7 @@ class DistillRun:
             "rows": len(rows),
             "feature_loss": float(p.mean()),
             "weighted_loss": float((p * w).sum(1).mean()),
+            "explained": fit.result(),
             **stats,
         }
         if self.tasks is not None:
@@ -473,6 +480,8 @@ class DistillRun:
                     "adapter": saved[1].teachers[n].adapter.bank,  # type: ignore[union-attr]
                     "eval_loss_before": self.eval_before["per_teacher_loss"][n],
                     "eval_loss_after": self.eval_after["per_teacher_loss"][n],
+                    "explained_before": self.eval_before.get("explained", {}).get(n),
+                    "explained_after": self.eval_after.get("explained", {}).get(n),
                     "router_weight": self.eval_after["router_weight"][n],
                 }
                 for n in cfg.order

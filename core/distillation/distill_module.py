@@ -100,11 +100,19 @@ class DistillModule(nn.Module):
         self.order = list(order)
         self.loss_kind = loss
 
-    def _per_teacher(self, pooled: Tensor, targets: Mapping[str, Mapping[int, Tensor]]) -> Tensor:
-        """(B, N): each teacher's per-example loss, averaged over its layers."""
+    def _per_teacher(
+        self,
+        pooled: Tensor,
+        targets: Mapping[str, Mapping[int, Tensor]],
+        keep: dict[str, dict[int, Tensor]] | None = None,
+    ) -> Tensor:
+        """(B, N): each teacher's per-example loss, averaged over its layers (predictions kept
+        in ``keep``, detached, when given)."""
         per = []
         for name in self.order:
             preds = self.adapters[name](pooled)
+            if keep is not None:
+                keep[name] = {layer: p.detach() for layer, p in preds.items()}
             layer_losses = [
                 feature_loss(preds[layer], targets[name][layer], self.loss_kind) for layer in preds
             ]
@@ -135,7 +143,8 @@ class DistillModule(nn.Module):
         """
         out = run_trunk(self.trunk, states, mask)
         pooled = out.pooled
-        per_teacher = self._per_teacher(pooled, targets)  # (B, N)
+        preds: dict[str, dict[int, Tensor]] = {}
+        per_teacher = self._per_teacher(pooled, targets, preds)  # (B, N)
         scale = per_teacher.detach().mean(0).clamp_min(1e-12)  # (N,)
         routing = self.router(pooled)
         weights = routing.combine  # (B, N), rows sum to 1 (or to the chosen teacher's probability)
@@ -154,7 +163,50 @@ class DistillModule(nn.Module):
             "balance": balance,
             "aux": out.aux_loss,
             "router_aux": routing.aux_loss,
+            "preds": preds,
         }
 
 
-__all__ = ["LOSSES", "DistillModule", "TeacherAdapter", "build_router", "feature_loss", "layer_key"]
+class ExplainedVariance:
+    """Each teacher's held-out R², accumulated over batches: ``1 - SSE / SST`` of the adapter's
+    predictions against the teacher's features (summed over feature dimensions, ``SST`` around
+    the held-out mean), averaged over the teacher's layers. 0 is what predicting the mean gives;
+    a loss that falls a lot from a random adapter's can still explain little (issue 14)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], list[Tensor]] = {}
+        self.rows: dict[tuple[str, int], int] = {}
+
+    def add(
+        self, preds: Mapping[str, Mapping[int, Tensor]], targets: Mapping[str, Mapping[int, Tensor]]
+    ) -> None:
+        for name, layers in preds.items():
+            for layer, pred in layers.items():
+                y = targets[name][layer].double()
+                sse, total, squares = (pred.double() - y).pow(2).sum(), y.sum(0), y.pow(2).sum(0)
+                acc = self.sums.get((name, layer))
+                self.sums[name, layer] = (
+                    [sse, total, squares]
+                    if acc is None
+                    else [a + b for a, b in zip(acc, (sse, total, squares), strict=True)]
+                )
+                self.rows[name, layer] = self.rows.get((name, layer), 0) + len(y)
+
+    def result(self) -> dict[str, float]:
+        by_teacher: dict[str, list[float]] = {}
+        for (name, layer), (sse, total, squares) in self.sums.items():
+            n = self.rows[name, layer]
+            sst = float((squares - total.pow(2) / n).sum())
+            by_teacher.setdefault(name, []).append(1.0 - float(sse) / sst if sst > 0 else float("nan"))
+        return {name: sum(v) / len(v) for name, v in by_teacher.items()}
+
+
+__all__ = [
+    "LOSSES",
+    "DistillModule",
+    "ExplainedVariance",
+    "TeacherAdapter",
+    "build_router",
+    "feature_loss",
+    "layer_key",
+]
