@@ -121,6 +121,9 @@ def test_explained_variance_is_r2_over_batches() -> None:
     for lo in (0, 17, 33):  # batches of uneven size give the same R²
         hi = {0: 17, 17: 33, 33: 50}[lo]
         parts.add({"t": {-1: (y + noise)[lo:hi]}}, {"t": {-1: y[lo:hi]}})
+    one = ExplainedVariance()  # one held-out row: no variance, no R² (not NaN)
+    one.add({"t": {-1: y[:1] + 1}}, {"t": {-1: y[:1]}})
+    assert one.result() == {}
     sst = ((y - y.mean(0)) ** 2).sum()
     assert parts.result()["t"] == pytest.approx(whole.result()["t"])
     assert whole.result()["t"] == pytest.approx(1 - float((noise**2).sum() / sst))

@@ -171,7 +171,8 @@ class ExplainedVariance:
     """Each teacher's held-out R², accumulated over batches: ``1 - SSE / SST`` of the adapter's
     predictions against the teacher's features (summed over feature dimensions, ``SST`` around
     the held-out mean), averaged over the teacher's layers. 0 is what predicting the mean gives;
-    a loss that falls a lot from a random adapter's can still explain little (issue 14)."""
+    a loss that falls a lot from a random adapter's can still explain little (issue 14). A
+    teacher whose held-out features do not vary (one row) has no R² and is left out."""
 
     def __init__(self) -> None:
         self.sums: dict[tuple[str, int], list[Tensor]] = {}
@@ -197,7 +198,8 @@ class ExplainedVariance:
         for (name, layer), (sse, total, squares) in self.sums.items():
             n = self.rows[name, layer]
             sst = float((squares - total.pow(2) / n).sum())
-            by_teacher.setdefault(name, []).append(1.0 - float(sse) / sst if sst > 0 else float("nan"))
+            if sst > 1e-12 * max(float(squares.sum()), 1e-300):  # constant features: R² undefined
+                by_teacher.setdefault(name, []).append(1.0 - float(sse) / sst)
         return {name: sum(v) / len(v) for name, v in by_teacher.items()}
 
 
