@@ -40,6 +40,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 
+from scaler_wizard.caches.token_features import pad_and_mask
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_distill import MPNET, REPO, log, split
 
@@ -72,16 +74,6 @@ def token_states(folder: Path, texts: list[str]) -> tuple[list[Tensor], list[lis
     return rows, pieces
 
 
-def pad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), width, rows[0].shape[1])
-    mask = torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r.float()
-        mask[i, : len(r)] = 1
-    return out, mask
-
-
 def pooled(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
@@ -94,7 +86,7 @@ class TokenMap(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.out(self.enc(x, src_key_padding_mask=mask == 0))
+        return self.out(self.enc(x, src_key_padding_mask=~mask))
 
 
 class PooledMap(nn.Module):
@@ -129,8 +121,8 @@ def fit_map(kind: str, src: list[Tensor], tgt: list[Tensor], epochs: int) -> tup
         order = torch.randperm(len(train)).tolist()
         for s in range(0, len(order) - batch + 1, batch):
             ids = [train[i] for i in order[s : s + batch]]
-            x, m = pad([src[i] for i in ids])
-            y, _ = pad([tgt[i] for i in ids])
+            x, m = pad_and_mask([src[i] for i in ids])
+            y, _ = pad_and_mask([tgt[i] for i in ids])
             out = net(x, m)
             if kind == "token":
                 loss = (((out - y) ** 2).mean(-1) * m).sum() / m.sum()
@@ -151,7 +143,9 @@ def held_out_r2(net: nn.Module, kind: str, src: list[Tensor], tgt: list[Tensor],
     was = net.training
     net.eval()
     pred = apply_map(net, kind, [src[i] for i in rows])
-    y = torch.cat([pooled(*pad([tgt[i] for i in rows[s : s + 64]])) for s in range(0, len(rows), 64)])
+    y = torch.cat(
+        [pooled(*pad_and_mask([tgt[i] for i in rows[s : s + 64]])) for s in range(0, len(rows), 64)]
+    )
     net.train(was)
     return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 
@@ -160,14 +154,14 @@ def held_out_r2(net: nn.Module, kind: str, src: list[Tensor], tgt: list[Tensor],
 def apply_map(net: nn.Module, kind: str, rows: list[Tensor]) -> Tensor:
     out = []
     for s in range(0, len(rows), 64):
-        x, m = pad(rows[s : s + 64])
+        x, m = pad_and_mask(rows[s : s + 64])
         y = net(x, m)
         out.append(pooled(y, m) if kind == "token" else y[:, 0])
     return torch.cat(out)
 
 
 def mean_pooled(rows: list[Tensor]) -> np.ndarray:
-    return torch.cat([pooled(*pad(rows[s : s + 64])) for s in range(0, len(rows), 64)]).numpy()
+    return torch.cat([pooled(*pad_and_mask(rows[s : s + 64])) for s in range(0, len(rows), 64)]).numpy()
 
 
 def lr_score(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, float]:

@@ -9,8 +9,8 @@ export HF_HUB_OFFLINE=1
 .venv/bin/mypy
 .venv/bin/lint-imports  # the part rules: [tool.importlinter] in pyproject.toml
 set +e
-# two workers, the 2 CPUs the suite is sized for (TEST_WORKERS=N overrides; 0 runs in this process); a test file stays on one
-# worker, so its module fixtures are built once
+# two workers, the 2 CPUs the suite is sized for (TEST_WORKERS=N overrides; 0 runs in this
+# process); a test file stays on one worker, so its module fixtures are built once
 .venv/bin/pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile --durations=20 "$@"
 rc=$?
 set -e

@@ -118,8 +118,7 @@ def test_explained_variance_is_r2_over_batches() -> None:
         assert ev.result()["t"] == pytest.approx(want, abs=1e-9)
     whole, parts = ExplainedVariance(), ExplainedVariance()
     whole.add({"t": {-1: y + noise}}, {"t": {-1: y}})
-    for lo in (0, 17, 33):  # batches of uneven size give the same R²
-        hi = {0: 17, 17: 33, 33: 50}[lo]
+    for lo, hi in ((0, 17), (17, 33), (33, 50)):  # batches of uneven size give the same R²
         parts.add({"t": {-1: (y + noise)[lo:hi]}}, {"t": {-1: y[lo:hi]}})
     one = ExplainedVariance()  # one held-out row: no variance, no R² (not NaN)
     one.add({"t": {-1: y[:1] + 1}}, {"t": {-1: y[:1]}})
